@@ -1,0 +1,79 @@
+"""The decoder block and the text model with its untied head (spec §2.1, §4)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from smallfour.config import TextConfig
+from smallfour.nn import params
+from smallfour.nn.mla import MLA
+from smallfour.nn.moe import MLP, MoE
+from smallfour.nn.norm import RMSNorm
+from smallfour.nn.rope import PositionEncoding, encode_positions
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm block: `h += MLA(norm(h)); h += FFN(norm(h))`, FFN a MoE or a dense MLP."""
+
+  def __init__(self, cfg: TextConfig, layer: int, *, rngs: nnx.Rngs, param_dtype: jnp.dtype):
+    self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.attn = MLA(cfg, rngs=rngs, param_dtype=param_dtype)
+    self.post_attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    if cfg.is_moe_layer(layer):
+      self.ffn = MoE(cfg, rngs=rngs, param_dtype=param_dtype)
+    else:
+      self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, param_dtype=param_dtype)
+
+  def __call__(self, h: jax.Array, pos: PositionEncoding, mask: jax.Array) -> jax.Array:
+    """h: [B, S, D], mask: [B, S, S] -> [B, S, D]."""
+    h = h + self.attn(self.input_norm(h), pos, mask)
+    return h + self.ffn(self.post_attn_norm(h))
+
+
+class Transformer(nnx.Module):
+  """Token embedding, `num_layers` decoder blocks, final norm and an untied LM head.
+
+  The activation dtype is the parameters' dtype; cast the state to change it.
+  """
+
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32):
+    self.cfg = cfg
+    d, v = cfg.hidden_size, cfg.vocab_size
+    # N(0, 1) rows keep the first norm's input at unit scale.
+    self.embedder = params.weight(rngs, (v, d), ("vocab", "embed"), fan_in=1, dtype=param_dtype)
+    self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs, param_dtype=param_dtype)
+                            for i in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.lm_head = params.weight(rngs, (d, v), ("embed", "vocab"), fan_in=d, dtype=param_dtype)
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """tokens: [B, S] int -> [B, S, D] (no embedding scaling)."""
+    return jnp.take(self.embedder[...], tokens, axis=0)
+
+  def positions(self, positions: jax.Array, dtype: jnp.dtype) -> PositionEncoding:
+    return encode_positions(positions, self.cfg.qk_rope_head_dim, self.cfg.rope, dtype)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               valid: jax.Array | None = None) -> jax.Array:
+    """Teacher-forced forward pass over whole sequences.
+
+    tokens: [B, S] int; positions: [B, S] (default `arange(S)`); valid: [B, S] bool marks
+    real (non-padding) tokens, default all. Returns logits [B, S, V] in the activation dtype.
+    """
+    b, s = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    mask = positions[:, None, :] <= positions[:, :, None]  # causal by position: [B, S, T]
+    if valid is not None:
+      mask &= valid[:, None, :]
+    h = self.embed(tokens)
+    pos = self.positions(positions, h.dtype)
+    for layer in self.layers:
+      h = layer(h, pos, mask)
+    return self.logits(h)
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """h: [B, S, D] final hidden states (before the final norm) -> [B, S, V]."""
+    return jnp.einsum("bsd,dv->bsv", self.final_norm(h), self.lm_head[...])

@@ -1,0 +1,102 @@
+"""Multi-head latent attention (DeepSeek-V3 style MLA), spec §2.3 and §2.7.
+
+Parameters are laid out so that both forms share one copy: `kv_b_proj` is stored as
+`k_up` (W_UK, [R, H, Dn]) and `v_up` (W_UV, [R, H, Dv]). The expanded form rebuilds
+per-head keys and values from the latent (prefill); the absorbed form folds `k_up`
+into the query and applies `v_up` after attending over the latent (decode).
+
+Names: B batch, S queries, T keys, D hidden, H heads, Q q_lora_rank, R kv_lora_rank,
+Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from smallfour.config import TextConfig
+from smallfour.nn import params
+from smallfour.nn.norm import RMSNorm
+from smallfour.nn.rope import PositionEncoding, apply_rope
+
+_F32 = jnp.float32
+
+
+class MLA(nnx.Module):
+  """Attention with a compressed query and a compressed, head-free KV latent."""
+
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype: jnp.dtype):
+    d, h, q, r = cfg.hidden_size, cfg.num_heads, cfg.q_lora_rank, cfg.kv_lora_rank
+    dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    self.nope_dim, self.latent_dim = dn, r
+    self.softmax_scale = cfg.softmax_scale
+    w = lambda shape, axes, fan_in: params.weight(  # noqa: E731
+        rngs, shape, axes, fan_in=fan_in, dtype=param_dtype)
+    self.q_a_proj = w((d, q), ("embed", "q_lora"), d)
+    self.q_a_norm = RMSNorm(q, eps=cfg.latent_norm_eps, param_dtype=param_dtype)
+    self.q_b_proj = w((q, h, dn + dr), ("q_lora", "heads", "qk_head_dim"), q)
+    self.kv_a_proj = w((d, r + dr), ("embed", "kv_lora_rope"), d)
+    self.kv_a_norm = RMSNorm(r, eps=cfg.latent_norm_eps, param_dtype=param_dtype)
+    self.k_up = w((r, h, dn), ("kv_lora", "heads", "qk_nope_head_dim"), r)
+    self.v_up = w((r, h, dv), ("kv_lora", "heads", "v_head_dim"), r)
+    self.o_proj = w((h, dv, d), ("heads", "v_head_dim", "embed"), h * dv)
+
+  def queries(self, x: jax.Array, pos: PositionEncoding) -> tuple[jax.Array, jax.Array]:
+    """x: [B, S, D] -> (q_nope [B, S, H, Dn], q_rope [B, S, H, Dr]), rotated and λ-scaled."""
+    cq = self.q_a_norm(jnp.einsum("bsd,dq->bsq", x, self.q_a_proj[...]))
+    q = jnp.einsum("bsq,qhk->bshk", cq, self.q_b_proj[...])
+    scale = pos.query_scale[:, :, None, None]
+    q_nope, q_rope = q[..., :self.nope_dim], apply_rope(q[..., self.nope_dim:], pos.cos, pos.sin)
+    return q_nope * scale, q_rope * scale
+
+  def latents(self, x: jax.Array, pos: PositionEncoding) -> tuple[jax.Array, jax.Array]:
+    """x: [B, S, D] -> (normalised latent c [B, S, R], rotated shared key k_rope [B, S, Dr]).
+
+    These two are all a KV cache needs to hold.
+    """
+    ckv = jnp.einsum("bsd,dk->bsk", x, self.kv_a_proj[...])
+    c = self.kv_a_norm(ckv[..., :self.latent_dim])
+    return c, apply_rope(ckv[..., self.latent_dim:], pos.cos, pos.sin)
+
+  def __call__(self, x: jax.Array, pos: PositionEncoding, mask: jax.Array) -> jax.Array:
+    """Expanded form over the sequence itself. x: [B, S, D], mask: [B, S, S] bool -> [B, S, D]."""
+    q_nope, q_rope = self.queries(x, pos)
+    c, k_rope = self.latents(x, pos)
+    return self.attend_expanded(q_nope, q_rope, c, k_rope, mask)
+
+  def attend_expanded(self, q_nope: jax.Array, q_rope: jax.Array, c: jax.Array,
+                      k_rope: jax.Array, mask: jax.Array) -> jax.Array:
+    """Rebuilds per-head keys/values from the latent, then attends.
+
+    q_nope: [B, S, H, Dn], q_rope: [B, S, H, Dr], c: [B, T, R], k_rope: [B, T, Dr],
+    mask: [B, S, T] bool (True = may attend) -> [B, S, D].
+    """
+    k_nope = jnp.einsum("btr,rhn->bthn", c, self.k_up[...])
+    v = jnp.einsum("btr,rhv->bthv", c, self.v_up[...])
+    scores = (jnp.einsum("bshn,bthn->bhst", q_nope, k_nope, preferred_element_type=_F32)
+              + jnp.einsum("bshr,btr->bhst", q_rope, k_rope, preferred_element_type=_F32))
+    probs = _masked_softmax(scores * self.softmax_scale, mask).astype(v.dtype)
+    out = jnp.einsum("bhst,bthv->bshv", probs, v)
+    return jnp.einsum("bshv,hvd->bsd", out, self.o_proj[...])
+
+  def attend_absorbed(self, q_nope: jax.Array, q_rope: jax.Array, c: jax.Array,
+                      k_rope: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attends over the latent without expanding it (spec §2.7); same arguments as above.
+
+    Scores use q̃ = W_UKᵀ q_nope against c; values are c, lifted by W_UV after the sum.
+    The latent products run in float32 so decode stays close to the expanded form.
+    """
+    q_latent = jnp.einsum("bshn,rhn->bshr", q_nope, self.k_up[...], preferred_element_type=_F32)
+    scores = (jnp.einsum("bshr,btr->bhst", q_latent, c.astype(_F32))
+              + jnp.einsum("bshk,btk->bhst", q_rope, k_rope, preferred_element_type=_F32))
+    probs = _masked_softmax(scores * self.softmax_scale, mask)
+    out_latent = jnp.einsum("bhst,btr->bshr", probs, c.astype(_F32))
+    out = jnp.einsum("bshr,rhv->bshv", out_latent, self.v_up[...].astype(_F32))
+    return jnp.einsum("bshv,hvd->bsd", out.astype(c.dtype), self.o_proj[...])
+
+
+def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+  """scores: [B, H, S, T] float32, mask: [B, S, T] -> float32 probabilities over T."""
+  scores = jnp.where(mask[:, None], scores, jnp.finfo(_F32).min)
+  return jax.nn.softmax(scores, axis=-1)

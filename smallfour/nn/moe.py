@@ -1,0 +1,130 @@
+"""Mixture of experts: float32 router, stacked routed experts, shared experts (spec §3).
+
+Routed expert weights are stacked arrays `[E, ...]` in one module, never E submodules,
+so that their expert axis can be split over the `expert` mesh axis. The routed
+computation sits behind `routed_experts`, which dispatches to an exact (dropless)
+kernel; `dense_oracle` evaluates every expert on every token and is the reference the
+faster kernels are tested against.
+
+Names: N tokens, D hidden, E routed experts, K experts per token, F expert width.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from smallfour.config import TextConfig
+from smallfour.nn import params
+
+_F32 = jnp.float32
+
+
+class MLP(nnx.Module):
+  """SwiGLU `down(silu(gate·x) ⊙ up·x)`: the shared experts and the dense layers."""
+
+  def __init__(self, hidden: int, width: int, *, rngs: nnx.Rngs, param_dtype: jnp.dtype):
+    self.gate_proj = params.weight(rngs, (hidden, width), ("embed", "mlp"), fan_in=hidden,
+                                   dtype=param_dtype)
+    self.up_proj = params.weight(rngs, (hidden, width), ("embed", "mlp"), fan_in=hidden,
+                                 dtype=param_dtype)
+    self.down_proj = params.weight(rngs, (width, hidden), ("mlp", "embed"), fan_in=width,
+                                   dtype=param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., D] -> [..., D]."""
+    hidden = (jax.nn.silu(x @ self.gate_proj[...]) * (x @ self.up_proj[...]))
+    return hidden @ self.down_proj[...]
+
+
+class Router(nnx.Module):
+  """Softmax router with group-limited top-k, computed in float32."""
+
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype: jnp.dtype):
+    self.kernel = params.weight(rngs, (cfg.hidden_size, cfg.num_experts),
+                                ("embed", "router_expert"), fan_in=cfg.hidden_size,
+                                dtype=param_dtype)
+    self.top_k = cfg.num_experts_per_tok
+    self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+    self.norm_topk_prob = cfg.norm_topk_prob
+    self.routed_scaling_factor = cfg.routed_scaling_factor
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: [N, D] -> (weights [N, K] float32, expert ids [N, K] int32)."""
+    logits = jnp.einsum("nd,de->ne", x.astype(_F32), self.kernel[...].astype(_F32))
+    scores = jax.nn.softmax(logits, axis=-1)
+    choice = scores
+    if self.topk_group < self.n_group:
+      n, e = scores.shape
+      grouped = scores.reshape(n, self.n_group, e // self.n_group)
+      group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N, G]
+      _, kept = jax.lax.top_k(group_scores, self.topk_group)
+      keep = jnp.zeros_like(group_scores, bool).at[jnp.arange(n)[:, None], kept].set(True)
+      # Zero (not -inf) outside the kept groups, as the reference does.
+      choice = jnp.where(keep[:, :, None], grouped, 0.0).reshape(n, e)
+    _, ids = jax.lax.top_k(choice, self.top_k)
+    weights = jnp.take_along_axis(scores, ids, axis=-1)
+    if self.norm_topk_prob:
+      weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * self.routed_scaling_factor, ids.astype(jnp.int32)
+
+
+class RoutedExperts(nnx.Module):
+  """E SwiGLU experts stored as stacked `[E, D, F]` / `[E, F, D]` arrays."""
+
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype: jnp.dtype):
+    e, d, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    w = lambda shape, axes, fan_in: params.weight(  # noqa: E731
+        rngs, shape, axes, fan_in=fan_in, dtype=param_dtype)
+    self.gate_proj = w((e, d, f), ("expert", "embed", "expert_mlp"), d)
+    self.up_proj = w((e, d, f), ("expert", "embed", "expert_mlp"), d)
+    self.down_proj = w((e, f, d), ("expert", "expert_mlp", "embed"), f)
+
+
+def dense_oracle(experts: RoutedExperts, x: jax.Array, weights: jax.Array,
+                 ids: jax.Array) -> jax.Array:
+  """Runs every expert on every token and keeps the routed ones: exact, O(N·E) work.
+
+  x: [N, D], weights/ids: [N, K] -> [N, D].
+  """
+  gate = jnp.einsum("nd,edf->nef", x, experts.gate_proj[...])
+  up = jnp.einsum("nd,edf->nef", x, experts.up_proj[...])
+  out = jnp.einsum("nef,efd->ned", jax.nn.silu(gate) * up, experts.down_proj[...])
+  num_experts = experts.gate_proj[...].shape[0]
+  combine = jnp.einsum("nk,nke->ne", weights, jax.nn.one_hot(ids, num_experts, dtype=_F32))
+  return jnp.einsum("ne,ned->nd", combine.astype(x.dtype), out)
+
+
+MoeKernel = Callable[[RoutedExperts, jax.Array, jax.Array, jax.Array], jax.Array]
+KERNELS: dict[str, MoeKernel] = {"dense_oracle": dense_oracle}
+
+
+def routed_experts(experts: RoutedExperts, x: jax.Array, weights: jax.Array, ids: jax.Array,
+                   impl: str = "dense_oracle") -> jax.Array:
+  """The routed expert sum `Σ_k w_k · expert_{id_k}(x)` with the kernel named `impl`."""
+  if impl not in KERNELS:
+    raise ValueError(f"unknown MoE implementation {impl!r}; known: {sorted(KERNELS)}")
+  return KERNELS[impl](experts, x, weights, ids)
+
+
+class MoE(nnx.Module):
+  """Routed experts plus unweighted shared experts: `Σ_k w_k·E_k(x) + shared(x)`."""
+
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype: jnp.dtype):
+    self.router = Router(cfg, rngs=rngs, param_dtype=param_dtype)
+    self.experts = RoutedExperts(cfg, rngs=rngs, param_dtype=param_dtype)
+    self.shared_experts = (
+        MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, rngs=rngs,
+            param_dtype=param_dtype) if cfg.n_shared_experts else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, S, D] -> [B, S, D]."""
+    flat = x.reshape(-1, x.shape[-1])
+    weights, ids = self.router(flat)
+    out = routed_experts(self.experts, flat, weights, ids).reshape(x.shape)
+    if self.shared_experts is not None:
+      out = out + self.shared_experts(x)
+    return out
