@@ -60,3 +60,15 @@ def test_logits_match_transformers(case):
   got = np.asarray(forward(load_ours(hf, cfg), jax.numpy.asarray(tokens)))
   assert np.abs(expected).max() > 1.0  # logits are not trivially small
   np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_softmax_scale_modes_differ_except_at_position_zero():
+  """The two modes are distinguishable, so the parity cases above pin the right one."""
+  hf_cfg = oracle.hf_config(num_hidden_layers=1)
+  hf = oracle.hf_model(hf_cfg, seed=3)
+  folded = config_lib.from_hf(hf_cfg.to_dict())
+  tokens = jax.numpy.asarray(np.random.default_rng(0).integers(0, 256, (1, 40)))
+  a = np.asarray(forward(load_ours(hf, folded), tokens))
+  b = np.asarray(forward(load_ours(hf, folded.replace(softmax_scale_mode="plain")), tokens))
+  np.testing.assert_allclose(a[:, 0], b[:, 0], atol=1e-5)
+  assert np.abs(a[:, 1:] - b[:, 1:]).max() > 1e-2

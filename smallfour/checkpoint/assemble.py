@@ -27,12 +27,13 @@ def build_params(maps: Iterable[TensorMap], read: Callable[[str], np.ndarray],
   for m in maps:
     if m.path not in expected:
       raise CheckpointError(f"key map targets {'.'.join(map(str, m.path))}, which the model lacks")
-    arr = m.build(*[read(name) for name in m.sources])
-    want = expected[m.path]
-    if tuple(arr.shape) != tuple(want.shape):
-      raise CheckpointError(
-          f"tensor {', '.join(m.sources)}: builds shape {tuple(arr.shape)} for "
-          f"{'.'.join(map(str, m.path))}, the model expects {tuple(want.shape)}")
+    inputs = [read(name) for name in m.sources]
+    for name, x, shape in zip(m.sources, inputs, m.shapes):
+      if tuple(x.shape) != shape:
+        raise CheckpointError(f"tensor {name} has shape {tuple(x.shape)}, expected {shape}")
+    arr, want = m.build(*inputs), expected[m.path]
+    if tuple(arr.shape) != tuple(want.shape):  # a key map bug, not a checkpoint problem
+      raise AssertionError(f"{m.sources} -> {m.path}: {arr.shape} != {want.shape}")
     out[m.path] = np.asarray(arr, dtype=want.dtype)
   return out
 

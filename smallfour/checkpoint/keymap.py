@@ -21,11 +21,20 @@ Path = tuple[str | int, ...]
 
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
-  """Our parameter at `path` is `build(*[checkpoint[name] for name in sources])`."""
+  """Our parameter at `path` is `build(*[checkpoint[name] for name in sources])`.
+
+  `shapes` are the shapes the sources must have, checked before anything is built.
+  """
 
   path: Path
   sources: tuple[str, ...]
+  shapes: tuple[tuple[int, ...], ...]
   build: Callable[..., np.ndarray]
+
+
+def _one(path: Path, source: str, shape: tuple[int, ...],
+         build: Callable[[np.ndarray], np.ndarray]) -> TensorMap:
+  return TensorMap(path, (source,), (shape,), build)
 
 
 # HF prefixes of the text model: Mistral4ForCausalLM, Mistral3 in memory, Mistral3 on disk.
@@ -47,28 +56,30 @@ def _identity(w: np.ndarray) -> np.ndarray:
 def hf_global_maps(cfg: TextConfig, prefix: str = "model") -> list[TensorMap]:
   """Embedding, final norm and LM head under one of `HF_TEXT_PREFIXES`."""
   model, head = HF_TEXT_PREFIXES[prefix]
+  v, d = cfg.vocab_size, cfg.hidden_size
   return [
-      TensorMap(("embedder",), (f"{model}.embed_tokens.weight",), _identity),
-      TensorMap(("final_norm", "scale"), (f"{model}.norm.weight",), _identity),
-      TensorMap(("lm_head",), (f"{head}.weight",), _transpose),
+      _one(("embedder",), f"{model}.embed_tokens.weight", (v, d), _identity),
+      _one(("final_norm", "scale"), f"{model}.norm.weight", (d,), _identity),
+      _one(("lm_head",), f"{head}.weight", (v, d), _transpose),
   ]
 
 
 def hf_layer_maps(cfg: TextConfig, layer: int, prefix: str = "model") -> list[TensorMap]:
   """The maps of decoder layer `layer` under one of `HF_TEXT_PREFIXES`."""
   src = f"{HF_TEXT_PREFIXES[prefix][0]}.layers.{layer}"
-  h, dn, dv = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
-  f = cfg.moe_intermediate_size
+  d, h, q, r = cfg.hidden_size, cfg.num_heads, cfg.q_lora_rank, cfg.kv_lora_rank
+  dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+  e, f = cfg.num_experts, cfg.moe_intermediate_size
 
   def q_b(w):  # [H·(Dn+Dr), Q] -> [Q, H, Dn+Dr]
-    return np.ascontiguousarray(w.T.reshape(w.shape[1], h, -1))
+    return np.ascontiguousarray(w.T.reshape(q, h, dn + dr))
 
   def kv_b(part):  # [H·(Dn+Dv), R] -> k_up [R, H, Dn] or v_up [R, H, Dv]
     sl = slice(0, dn) if part == "k" else slice(dn, dn + dv)
-    return lambda w: np.ascontiguousarray(w.reshape(h, dn + dv, -1)[:, sl].transpose(2, 0, 1))
+    return lambda w: np.ascontiguousarray(w.reshape(h, dn + dv, r)[:, sl].transpose(2, 0, 1))
 
   def o(w):  # [D, H·Dv] -> [H, Dv, D]
-    return np.ascontiguousarray(w.T.reshape(h, dv, -1))
+    return np.ascontiguousarray(w.T.reshape(h, dv, d))
 
   def gate_up(part):  # [E, 2F, D] -> [E, D, F]
     sl = slice(0, f) if part == "gate" else slice(f, 2 * f)
@@ -78,42 +89,43 @@ def hf_layer_maps(cfg: TextConfig, layer: int, prefix: str = "model") -> list[Te
     return np.ascontiguousarray(w.transpose(0, 2, 1))
 
   dst: Path = ("layers", layer)
-  attn = f"{src}.self_attn"
+  attn, kv_b_name = f"{src}.self_attn", f"{src}.self_attn.kv_b_proj.weight"
   maps = [
-      TensorMap(dst + ("input_norm", "scale"), (f"{src}.input_layernorm.weight",), _identity),
-      TensorMap(dst + ("post_attn_norm", "scale"), (f"{src}.post_attention_layernorm.weight",),
-                _identity),
-      TensorMap(dst + ("attn", "q_a_proj"), (f"{attn}.q_a_proj.weight",), _transpose),
-      TensorMap(dst + ("attn", "q_a_norm", "scale"), (f"{attn}.q_a_layernorm.weight",),
-                _identity),
-      TensorMap(dst + ("attn", "q_b_proj"), (f"{attn}.q_b_proj.weight",), q_b),
-      TensorMap(dst + ("attn", "kv_a_proj"), (f"{attn}.kv_a_proj_with_mqa.weight",), _transpose),
-      TensorMap(dst + ("attn", "kv_a_norm", "scale"), (f"{attn}.kv_a_layernorm.weight",),
-                _identity),
-      TensorMap(dst + ("attn", "k_up"), (f"{attn}.kv_b_proj.weight",), kv_b("k")),
-      TensorMap(dst + ("attn", "v_up"), (f"{attn}.kv_b_proj.weight",), kv_b("v")),
-      TensorMap(dst + ("attn", "o_proj"), (f"{attn}.o_proj.weight",), o),
+      _one(dst + ("input_norm", "scale"), f"{src}.input_layernorm.weight", (d,), _identity),
+      _one(dst + ("post_attn_norm", "scale"), f"{src}.post_attention_layernorm.weight", (d,),
+           _identity),
+      _one(dst + ("attn", "q_a_proj"), f"{attn}.q_a_proj.weight", (q, d), _transpose),
+      _one(dst + ("attn", "q_a_norm", "scale"), f"{attn}.q_a_layernorm.weight", (q,), _identity),
+      _one(dst + ("attn", "q_b_proj"), f"{attn}.q_b_proj.weight", (h * (dn + dr), q), q_b),
+      _one(dst + ("attn", "kv_a_proj"), f"{attn}.kv_a_proj_with_mqa.weight", (r + dr, d),
+           _transpose),
+      _one(dst + ("attn", "kv_a_norm", "scale"), f"{attn}.kv_a_layernorm.weight", (r,),
+           _identity),
+      _one(dst + ("attn", "k_up"), kv_b_name, (h * (dn + dv), r), kv_b("k")),
+      _one(dst + ("attn", "v_up"), kv_b_name, (h * (dn + dv), r), kv_b("v")),
+      _one(dst + ("attn", "o_proj"), f"{attn}.o_proj.weight", (d, h * dv), o),
   ]
   mlp = f"{src}.mlp"
   if not cfg.is_moe_layer(layer):
-    return maps + _swiglu_maps(dst + ("ffn",), mlp)
+    return maps + _swiglu_maps(dst + ("ffn",), mlp, d, cfg.intermediate_size)
+  gate_up_name = f"{mlp}.experts.gate_up_proj"
   maps += [
-      TensorMap(dst + ("ffn", "router", "kernel"), (f"{mlp}.gate.weight",), _transpose),
-      TensorMap(dst + ("ffn", "experts", "gate_proj"), (f"{mlp}.experts.gate_up_proj",),
-                gate_up("gate")),
-      TensorMap(dst + ("ffn", "experts", "up_proj"), (f"{mlp}.experts.gate_up_proj",),
-                gate_up("up")),
-      TensorMap(dst + ("ffn", "experts", "down_proj"), (f"{mlp}.experts.down_proj",),
-                experts_down),
+      _one(dst + ("ffn", "router", "kernel"), f"{mlp}.gate.weight", (e, d), _transpose),
+      _one(dst + ("ffn", "experts", "gate_proj"), gate_up_name, (e, 2 * f, d), gate_up("gate")),
+      _one(dst + ("ffn", "experts", "up_proj"), gate_up_name, (e, 2 * f, d), gate_up("up")),
+      _one(dst + ("ffn", "experts", "down_proj"), f"{mlp}.experts.down_proj", (e, d, f),
+           experts_down),
   ]
   if cfg.n_shared_experts:
-    maps += _swiglu_maps(dst + ("ffn", "shared_experts"), f"{mlp}.shared_experts")
+    maps += _swiglu_maps(dst + ("ffn", "shared_experts"), f"{mlp}.shared_experts", d,
+                         f * cfg.n_shared_experts)
   return maps
 
 
-def _swiglu_maps(dst: Path, src: str) -> list[TensorMap]:
-  return [TensorMap(dst + (f"{name}_proj",), (f"{src}.{name}_proj.weight",), _transpose)
-          for name in ("gate", "up", "down")]
+def _swiglu_maps(dst: Path, src: str, hidden: int, width: int) -> list[TensorMap]:
+  shapes = {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)}
+  return [_one(dst + (f"{name}_proj",), f"{src}.{name}_proj.weight", shape, _transpose)
+          for name, shape in shapes.items()]
 
 
 def hf_maps(cfg: TextConfig, prefix: str = "model") -> Iterator[list[TensorMap]]:
