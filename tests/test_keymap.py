@@ -24,14 +24,14 @@ def test_wrong_shape_names_the_tensor(tiny):
   bad[name] = bad[name][:-1]
   maps = [m for group in keymap.hf_maps(cfg) for m in group]
   with pytest.raises(assemble.CheckpointError, match=rf"tensor {name} has shape \(95, 16\), expected \(96, 16\)"):
-    assemble.load_into(Transformer(cfg, rngs=nnx.Rngs(0)), maps, bad.__getitem__)
+    assemble.load_into(Transformer(cfg, rngs=nnx.Rngs(0)), maps, assemble.DictSource(bad))
 
 
 def test_unmapped_parameters_are_reported(tiny):
   cfg, tensors = tiny
   maps = [m for m in keymap.hf_layer_maps(cfg, 0)]
   with pytest.raises(assemble.CheckpointError, match=r"parameters have no checkpoint tensor"):
-    assemble.load_into(Transformer(cfg, rngs=nnx.Rngs(0)), maps, tensors.__getitem__)
+    assemble.load_into(Transformer(cfg, rngs=nnx.Rngs(0)), maps, assemble.DictSource(tensors))
 
 
 def test_prefixes_name_the_same_tensors(tiny):

@@ -119,7 +119,7 @@ def _tiny_attention(seed=0):
   cfg = config_lib.from_hf(hf_cfg.to_dict())
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   maps = [m for group in keymap.hf_maps(cfg) for m in group]
-  assemble.load_into(model, maps, oracle.state_dict_numpy(hf_model).__getitem__)
+  assemble.load_into(model, maps, assemble.DictSource(oracle.state_dict_numpy(hf_model)))
   return hf_model, model, cfg
 
 

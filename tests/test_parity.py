@@ -36,7 +36,7 @@ def load_ours(hf_model, cfg: config_lib.TextConfig) -> Transformer:
   tensors = oracle.state_dict_numpy(hf_model)
   maps = [m for group in keymap.hf_maps(cfg, "model") for m in group]
   assert {s for m in maps for s in m.sources} == set(tensors)  # every tensor used, none invented
-  assemble.load_into(model, maps, tensors.__getitem__)
+  assemble.load_into(model, maps, assemble.DictSource(tensors))
   return model
 
 

@@ -1,8 +1,8 @@
-"""Fills a model's parameter state from checkpoint tensors through a key map."""
+"""Builds our parameters from checkpoint tensors through a key map."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable, Mapping, Protocol
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,37 +12,77 @@ from smallfour.checkpoint.keymap import Path, TensorMap
 
 
 class CheckpointError(ValueError):
-  """A checkpoint does not match the model it is loaded into."""
+  """A checkpoint does not match the model it is loaded into; the message names the culprit."""
 
 
-def build_params(maps: Iterable[TensorMap], read: Callable[[str], np.ndarray],
+class TensorSource(Protocol):
+  """Named checkpoint tensors, dequantized on read."""
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    """The tensor's full shape (raises CheckpointError if absent)."""
+
+  def read(self, name: str, index: int | None = None, dtype=np.float32) -> np.ndarray:
+    """`tensor` or `tensor[index]`, dequantized and cast to `dtype`."""
+
+
+class DictSource:
+  """A TensorSource over in-memory arrays (e.g. a torch state_dict as numpy)."""
+
+  def __init__(self, tensors: Mapping[str, np.ndarray]):
+    self.tensors = tensors
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    if name not in self.tensors:
+      raise CheckpointError(f"missing tensor {name}")
+    return tuple(self.tensors[name].shape)
+
+  def read(self, name: str, index: int | None = None, dtype=np.float32) -> np.ndarray:
+    x = self.tensors[name] if index is None else self.tensors[name][index]
+    return np.asarray(x, dtype)
+
+
+def check_shapes(maps: Iterable[TensorMap], source: TensorSource) -> None:
+  """Every source tensor exists with the shape the key map expects; nothing is read."""
+  for m in maps:
+    for name, want in zip(m.sources, m.shapes):
+      if (got := source.shape(name)) != want:
+        raise CheckpointError(f"tensor {name} has shape {got}, expected {want}")
+
+
+def build_params(maps: Iterable[TensorMap], source: TensorSource,
                  abstract: nnx.State) -> dict[Path, np.ndarray]:
-  """Builds each mapped parameter, checked against the shape `abstract` expects.
+  """Builds the mapped parameters in the dtype `abstract` (the model's state) gives them.
 
-  `read(name)` returns one checkpoint tensor (dequantized); `abstract` is the model's
-  (possibly abstract) parameter state. Returns {path: array in the parameter dtype}.
+  Expert slices (`write_index`) fill one preallocated array, so the transient memory is
+  one expert's float32 copy, not a whole stacked tensor. Returns {path: array}.
   """
+  maps = list(maps)
+  check_shapes(maps, source)
   expected = dict(nnx.to_flat_state(abstract))
-  out = {}
+  out: dict[Path, np.ndarray] = {}
   for m in maps:
     if m.path not in expected:
-      raise CheckpointError(f"key map targets {'.'.join(map(str, m.path))}, which the model lacks")
-    inputs = [read(name) for name in m.sources]
-    for name, x, shape in zip(m.sources, inputs, m.shapes):
-      if tuple(x.shape) != shape:
-        raise CheckpointError(f"tensor {name} has shape {tuple(x.shape)}, expected {shape}")
-    arr, want = m.build(*inputs), expected[m.path]
-    if tuple(arr.shape) != tuple(want.shape):  # a key map bug, not a checkpoint problem
-      raise AssertionError(f"{m.sources} -> {m.path}: {arr.shape} != {want.shape}")
-    out[m.path] = np.asarray(arr, dtype=want.dtype)
+      raise AssertionError(f"key map targets {m.path}, which the model lacks")
+    var = expected[m.path]
+    inputs = [source.read(name, m.read_index, var.dtype) for name in m.sources]
+    value = m.build(*inputs)
+    if m.write_index is None:
+      target_shape = tuple(var.shape)
+      out[m.path] = value
+    else:
+      target_shape = tuple(var.shape[1:])
+      if m.path not in out:
+        out[m.path] = np.empty(var.shape, var.dtype)
+      out[m.path][m.write_index] = value
+    if tuple(value.shape) != target_shape:  # a key-map bug, not a checkpoint problem
+      raise AssertionError(f"{m.sources} -> {m.path}: {value.shape} != {target_shape}")
   return out
 
 
-def load_into(model: nnx.Module, maps: Iterable[TensorMap],
-              read: Callable[[str], np.ndarray]) -> None:
+def load_into(model: nnx.Module, maps: Iterable[TensorMap], source: TensorSource) -> None:
   """Replaces every parameter of `model` with checkpoint tensors; all must be mapped."""
   state = nnx.state(model, nnx.Param)
-  built = build_params(maps, read, state)
+  built = build_params(maps, source, state)
   flat = nnx.to_flat_state(state)
   missing = [p for p, _ in flat if p not in built]
   if missing:

@@ -1,10 +1,15 @@
 """Checkpoint tensor names -> our parameter tree (spec §6.2–6.3).
 
-Target-centric: each `TensorMap` names one of our parameters, the checkpoint tensors it
-is built from, and the (pure numpy) function that builds it. Weights arrive in
-PyTorch `[out, in]` orientation and already dequantized; scales are the reader's job.
-The same maps serve the converter and every parity test, so the tests exercise the
-converter's key map.
+Target-centric: each `TensorMap` names one of our parameters (or one expert's slice of
+it), the checkpoint tensors it is built from, their expected shapes, and the numpy
+function that builds it. Weights arrive in PyTorch `[out, in]` orientation, already
+dequantized; scales are the reader's job. The same maps serve the converter and every
+parity test, so the tests exercise the converter's key map.
+
+Routed experts are mapped one expert at a time (`write_index`), so that building them
+never holds more than one expert's float32 transient: HF stores them fused
+(`gate_up_proj [E, 2F, D]`, read one expert with `read_index`), the native format per
+expert (`experts.e.w1/w2/w3`).
 """
 
 from __future__ import annotations
@@ -17,59 +22,45 @@ import numpy as np
 from smallfour.config import TextConfig
 
 Path = tuple[str | int, ...]
+Shape = tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
-  """Our parameter at `path` is `build(*[checkpoint[name] for name in sources])`.
+  """`param[write_index] = build(*[source[read_index] for source in sources])`.
 
-  `shapes` are the shapes the sources must have, checked before anything is built.
+  Either index may be None (whole tensor). `shapes` are the sources' full shapes, checked
+  against the checkpoint's headers before anything is read.
   """
 
   path: Path
   sources: tuple[str, ...]
-  shapes: tuple[tuple[int, ...], ...]
+  shapes: tuple[Shape, ...]
   build: Callable[..., np.ndarray]
+  read_index: int | None = None
+  write_index: int | None = None
 
 
-def _one(path: Path, source: str, shape: tuple[int, ...],
-         build: Callable[[np.ndarray], np.ndarray]) -> TensorMap:
-  return TensorMap(path, (source,), (shape,), build)
+def _map(path: Path, source: str, shape: Shape, build: Callable[[np.ndarray], np.ndarray],
+         **index: int) -> TensorMap:
+  return TensorMap(path, (source,), (shape,), build, **index)
 
 
-# HF prefixes of the text model: Mistral4ForCausalLM, Mistral3 in memory, Mistral3 on disk.
-HF_TEXT_PREFIXES: dict[str, tuple[str, str]] = {
-    "model": ("model", "lm_head"),
-    "model.language_model": ("model.language_model", "lm_head"),
-    "language_model.model": ("language_model.model", "language_model.lm_head"),
-}
-
-
-def _transpose(w: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(w.T)
-
-
-def _identity(w: np.ndarray) -> np.ndarray:
+def _same(w: np.ndarray) -> np.ndarray:
   return w
 
 
-def hf_global_maps(cfg: TextConfig, prefix: str = "model") -> list[TensorMap]:
-  """Embedding, final norm and LM head under one of `HF_TEXT_PREFIXES`."""
-  model, head = HF_TEXT_PREFIXES[prefix]
-  v, d = cfg.vocab_size, cfg.hidden_size
-  return [
-      _one(("embedder",), f"{model}.embed_tokens.weight", (v, d), _identity),
-      _one(("final_norm", "scale"), f"{model}.norm.weight", (d,), _identity),
-      _one(("lm_head",), f"{head}.weight", (v, d), _transpose),
-  ]
+def _t(w: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(w.T)
 
 
-def hf_layer_maps(cfg: TextConfig, layer: int, prefix: str = "model") -> list[TensorMap]:
-  """The maps of decoder layer `layer` under one of `HF_TEXT_PREFIXES`."""
-  src = f"{HF_TEXT_PREFIXES[prefix][0]}.layers.{layer}"
+# ---------------------------------------------------------------- shared layout
+
+
+def _attention_maps(cfg: TextConfig, dst: Path, names: dict[str, str]) -> list[TensorMap]:
+  """MLA weights, identical in both formats up to names (spec §2.3 shapes)."""
   d, h, q, r = cfg.hidden_size, cfg.num_heads, cfg.q_lora_rank, cfg.kv_lora_rank
   dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-  e, f = cfg.num_experts, cfg.moe_intermediate_size
 
   def q_b(w):  # [H·(Dn+Dr), Q] -> [Q, H, Dn+Dr]
     return np.ascontiguousarray(w.T.reshape(q, h, dn + dr))
@@ -81,51 +72,88 @@ def hf_layer_maps(cfg: TextConfig, layer: int, prefix: str = "model") -> list[Te
   def o(w):  # [D, H·Dv] -> [H, Dv, D]
     return np.ascontiguousarray(w.T.reshape(h, dv, d))
 
-  def gate_up(part):  # [E, 2F, D] -> [E, D, F]
-    sl = slice(0, f) if part == "gate" else slice(f, 2 * f)
-    return lambda w: np.ascontiguousarray(w[:, sl].transpose(0, 2, 1))
+  a = dst + ("attn",)
+  return [
+      _map(a + ("q_a_proj",), names["q_a"], (q, d), _t),
+      _map(a + ("q_a_norm", "scale"), names["q_a_norm"], (q,), _same),
+      _map(a + ("q_b_proj",), names["q_b"], (h * (dn + dr), q), q_b),
+      _map(a + ("kv_a_proj",), names["kv_a"], (r + dr, d), _t),
+      _map(a + ("kv_a_norm", "scale"), names["kv_a_norm"], (r,), _same),
+      _map(a + ("k_up",), names["kv_b"], (h * (dn + dv), r), kv_b("k")),
+      _map(a + ("v_up",), names["kv_b"], (h * (dn + dv), r), kv_b("v")),
+      _map(a + ("o_proj",), names["o"], (d, h * dv), o),
+  ]
 
-  def experts_down(w):  # [E, D, F] -> [E, F, D]
-    return np.ascontiguousarray(w.transpose(0, 2, 1))
 
-  dst: Path = ("layers", layer)
-  attn, kv_b_name = f"{src}.self_attn", f"{src}.self_attn.kv_b_proj.weight"
+def _swiglu_maps(dst: Path, gate: str, up: str, down: str, hidden: int,
+                 width: int) -> list[TensorMap]:
+  return [
+      _map(dst + ("gate_proj",), gate, (width, hidden), _t),
+      _map(dst + ("up_proj",), up, (width, hidden), _t),
+      _map(dst + ("down_proj",), down, (hidden, width), _t),
+  ]
+
+
+def _global_maps(cfg: TextConfig, embed: str, norm: str, head: str) -> list[TensorMap]:
+  v, d = cfg.vocab_size, cfg.hidden_size
+  return [
+      _map(("embedder",), embed, (v, d), _same),
+      _map(("final_norm", "scale"), norm, (d,), _same),
+      _map(("lm_head",), head, (v, d), _t),
+  ]
+
+
+# ------------------------------------------------------------------------- HF
+
+# HF prefixes of the text model: Mistral4ForCausalLM, Mistral3 in memory, Mistral3 on disk.
+HF_TEXT_PREFIXES: dict[str, tuple[str, str]] = {
+    "model": ("model", "lm_head"),
+    "model.language_model": ("model.language_model", "lm_head"),
+    "language_model.model": ("language_model.model", "language_model.lm_head"),
+}
+
+
+def hf_global_maps(cfg: TextConfig, prefix: str = "model") -> list[TensorMap]:
+  """Embedding, final norm and LM head under one of `HF_TEXT_PREFIXES`."""
+  model, head = HF_TEXT_PREFIXES[prefix]
+  return _global_maps(cfg, f"{model}.embed_tokens.weight", f"{model}.norm.weight",
+                      f"{head}.weight")
+
+
+def hf_layer_maps(cfg: TextConfig, layer: int, prefix: str = "model") -> list[TensorMap]:
+  """The maps of decoder layer `layer` under one of `HF_TEXT_PREFIXES`."""
+  src = f"{HF_TEXT_PREFIXES[prefix][0]}.layers.{layer}"
+  attn, mlp, dst = f"{src}.self_attn", f"{src}.mlp", ("layers", layer)
+  d, e, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
   maps = [
-      _one(dst + ("input_norm", "scale"), f"{src}.input_layernorm.weight", (d,), _identity),
-      _one(dst + ("post_attn_norm", "scale"), f"{src}.post_attention_layernorm.weight", (d,),
-           _identity),
-      _one(dst + ("attn", "q_a_proj"), f"{attn}.q_a_proj.weight", (q, d), _transpose),
-      _one(dst + ("attn", "q_a_norm", "scale"), f"{attn}.q_a_layernorm.weight", (q,), _identity),
-      _one(dst + ("attn", "q_b_proj"), f"{attn}.q_b_proj.weight", (h * (dn + dr), q), q_b),
-      _one(dst + ("attn", "kv_a_proj"), f"{attn}.kv_a_proj_with_mqa.weight", (r + dr, d),
-           _transpose),
-      _one(dst + ("attn", "kv_a_norm", "scale"), f"{attn}.kv_a_layernorm.weight", (r,),
-           _identity),
-      _one(dst + ("attn", "k_up"), kv_b_name, (h * (dn + dv), r), kv_b("k")),
-      _one(dst + ("attn", "v_up"), kv_b_name, (h * (dn + dv), r), kv_b("v")),
-      _one(dst + ("attn", "o_proj"), f"{attn}.o_proj.weight", (d, h * dv), o),
+      _map(dst + ("input_norm", "scale"), f"{src}.input_layernorm.weight", (d,), _same),
+      _map(dst + ("post_attn_norm", "scale"), f"{src}.post_attention_layernorm.weight", (d,),
+           _same),
   ]
-  mlp = f"{src}.mlp"
+  maps += _attention_maps(cfg, dst, {
+      "q_a": f"{attn}.q_a_proj.weight", "q_a_norm": f"{attn}.q_a_layernorm.weight",
+      "q_b": f"{attn}.q_b_proj.weight", "kv_a": f"{attn}.kv_a_proj_with_mqa.weight",
+      "kv_a_norm": f"{attn}.kv_a_layernorm.weight", "kv_b": f"{attn}.kv_b_proj.weight",
+      "o": f"{attn}.o_proj.weight"})
+  ffn = dst + ("ffn",)
   if not cfg.is_moe_layer(layer):
-    return maps + _swiglu_maps(dst + ("ffn",), mlp, d, cfg.intermediate_size)
-  gate_up_name = f"{mlp}.experts.gate_up_proj"
-  maps += [
-      _one(dst + ("ffn", "router", "kernel"), f"{mlp}.gate.weight", (e, d), _transpose),
-      _one(dst + ("ffn", "experts", "gate_proj"), gate_up_name, (e, 2 * f, d), gate_up("gate")),
-      _one(dst + ("ffn", "experts", "up_proj"), gate_up_name, (e, 2 * f, d), gate_up("up")),
-      _one(dst + ("ffn", "experts", "down_proj"), f"{mlp}.experts.down_proj", (e, d, f),
-           experts_down),
-  ]
+    return maps + _swiglu_maps(ffn, *(f"{mlp}.{n}_proj.weight" for n in ("gate", "up", "down")),
+                               d, cfg.intermediate_size)
+  maps.append(_map(ffn + ("router", "kernel"), f"{mlp}.gate.weight", (e, d), _t))
+  gate_up, down = f"{mlp}.experts.gate_up_proj", f"{mlp}.experts.down_proj"
+  for i in range(e):
+    index = dict(read_index=i, write_index=i)
+    maps += [  # gate_up_proj[i]: [2F, D], gate rows first; down_proj[i]: [D, F]
+        _map(ffn + ("experts", "gate_proj"), gate_up, (e, 2 * f, d), lambda w: _t(w[:f]), **index),
+        _map(ffn + ("experts", "up_proj"), gate_up, (e, 2 * f, d), lambda w: _t(w[f:]), **index),
+        _map(ffn + ("experts", "down_proj"), down, (e, d, f), _t, **index),
+    ]
   if cfg.n_shared_experts:
-    maps += _swiglu_maps(dst + ("ffn", "shared_experts"), f"{mlp}.shared_experts", d,
-                         f * cfg.n_shared_experts)
+    shared = f"{mlp}.shared_experts"
+    maps += _swiglu_maps(ffn + ("shared_experts",),
+                         *(f"{shared}.{n}_proj.weight" for n in ("gate", "up", "down")),
+                         d, f * cfg.n_shared_experts)
   return maps
-
-
-def _swiglu_maps(dst: Path, src: str, hidden: int, width: int) -> list[TensorMap]:
-  shapes = {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)}
-  return [_one(dst + (f"{name}_proj",), f"{src}.{name}_proj.weight", shape, _transpose)
-          for name, shape in shapes.items()]
 
 
 def hf_maps(cfg: TextConfig, prefix: str = "model") -> Iterator[list[TensorMap]]:
@@ -133,3 +161,47 @@ def hf_maps(cfg: TextConfig, prefix: str = "model") -> Iterator[list[TensorMap]]
   for layer in range(cfg.num_layers):
     yield hf_layer_maps(cfg, layer, prefix)
   yield hf_global_maps(cfg, prefix)
+
+
+# --------------------------------------------------------------------- native
+
+
+def native_layer_maps(cfg: TextConfig, layer: int) -> list[TensorMap]:
+  """Decoder layer `layer` of a Mistral-native `consolidated*.safetensors` checkpoint."""
+  src, dst = f"layers.{layer}", ("layers", layer)
+  d, e, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+  a = f"{src}.attention"
+  maps = [
+      _map(dst + ("input_norm", "scale"), f"{src}.attention_norm.weight", (d,), _same),
+      _map(dst + ("post_attn_norm", "scale"), f"{src}.ffn_norm.weight", (d,), _same),
+  ]
+  maps += _attention_maps(cfg, dst, {
+      "q_a": f"{a}.wq_a.weight", "q_a_norm": f"{a}.q_a_norm.weight", "q_b": f"{a}.wq_b.weight",
+      "kv_a": f"{a}.wkv_a_with_mqa.weight", "kv_a_norm": f"{a}.kv_a_norm.weight",
+      "kv_b": f"{a}.wkv_b.weight", "o": f"{a}.wo.weight"})
+  ffn = dst + ("ffn",)
+
+  def w123(prefix: str) -> tuple[str, str, str]:  # (gate, up, down) = (w1, w3, w2)
+    return (f"{prefix}.w1.weight", f"{prefix}.w3.weight", f"{prefix}.w2.weight")
+
+  if not cfg.is_moe_layer(layer):
+    return maps + _swiglu_maps(ffn, *w123(f"{src}.feed_forward"), d, cfg.intermediate_size)
+  maps.append(_map(ffn + ("router", "kernel"), f"{src}.gate.weight", (e, d), _t))
+  for i in range(e):
+    gate, up, down = w123(f"{src}.experts.{i}")
+    maps += [
+        _map(ffn + ("experts", "gate_proj"), gate, (f, d), _t, write_index=i),
+        _map(ffn + ("experts", "up_proj"), up, (f, d), _t, write_index=i),
+        _map(ffn + ("experts", "down_proj"), down, (d, f), _t, write_index=i),
+    ]
+  if cfg.n_shared_experts:
+    maps += _swiglu_maps(ffn + ("shared_experts",), *w123(f"{src}.shared_experts"), d,
+                         f * cfg.n_shared_experts)
+  return maps
+
+
+def native_maps(cfg: TextConfig) -> Iterator[list[TensorMap]]:
+  """All maps of a native text model, one list per layer, then the global tensors."""
+  for layer in range(cfg.num_layers):
+    yield native_layer_maps(cfg, layer)
+  yield _global_maps(cfg, "tok_embeddings.weight", "norm.weight", "output.weight")
