@@ -361,18 +361,25 @@ def _build(where: str, **fields: Any) -> TextConfig:
     raise ConfigError(f"{where}: {e}") from None
 
 
+def load_file(file: str, reader) -> TextConfig:
+  """Parses the JSON `file` and reads it with `reader` (from_hf, from_params, ...)."""
+  try:
+    with open(file) as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{file}: not valid JSON ({e})") from None
+  except OSError as e:
+    raise ConfigError(f"{file}: cannot be read ({e.strerror})") from None
+  return reader(data, file)
+
+
 def load_dir(path: str) -> TextConfig:
   """Reads the config of a directory: ours, an HF config.json, or a native params.json."""
   for name, reader in ((SMALLFOUR_CONFIG_FILE, _from_smallfour_json), ("config.json", from_hf),
                        ("params.json", from_params)):
     file = os.path.join(path, name)
     if os.path.exists(file):
-      try:
-        with open(file) as f:
-          data = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from None
-      return reader(data, file)
+      return load_file(file, reader)
   raise ConfigError(f"{path}: no {SMALLFOUR_CONFIG_FILE}, config.json or params.json found")
 
 

@@ -1,0 +1,44 @@
+"""Converts a released Mistral Small 4 checkpoint into a smallfour (orbax) checkpoint.
+
+  python launch/convert.py --src=/path/Mistral-Small-4-119B-2603 --dst=/path/small4-bf16
+
+The source is an HF directory (config.json + model*.safetensors) or a Mistral-native one
+(params.json + consolidated*.safetensors); FP8 weights are dequantized. The destination
+holds the weights, our config and tekken.json, and is all `launch/generate.py --ckpt`
+needs. Host memory stays about one decoder layer whatever the model size.
+"""
+
+import json
+
+from absl import app, flags, logging
+
+from smallfour.checkpoint import convert as convert_lib
+from smallfour.checkpoint.assemble import CheckpointError
+from smallfour.config import SOFTMAX_SCALE_MODES, ConfigError
+
+_SRC = flags.DEFINE_string("src", None, "Released checkpoint directory (HF or native).",
+                           required=True)
+_DST = flags.DEFINE_string("dst", None, "New directory to write; must not exist.", required=True)
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", convert_lib.DTYPES, "Stored dtype.")
+_SOFTMAX_SCALE = flags.DEFINE_enum(
+    "softmax_scale", None, SOFTMAX_SCALE_MODES,
+    "Override the softmax-scale mode the source format implies (HF config.json -> "
+    "hf_mscale_fold, native params.json -> plain unless yarn.apply_scale).")
+_FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "hf", "native"],
+                            "Source layout; auto prefers HF when a directory holds both.")
+
+
+def main(argv):
+  del argv
+  try:
+    stats = convert_lib.convert(_SRC.value, _DST.value, dtype=_DTYPE.value,
+                                softmax_scale=_SOFTMAX_SCALE.value, kind=_FORMAT.value)
+  except (CheckpointError, ConfigError) as e:
+    logging.error("conversion failed: %s", e)
+    raise SystemExit(f"error: {e}") from None
+  stats["source_gb_per_s"] = stats["source_bytes"] / stats["seconds"] / 1e9
+  print(json.dumps({"dst": _DST.value, **stats}))
+
+
+if __name__ == "__main__":
+  app.run(main)

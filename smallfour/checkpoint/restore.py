@@ -1,0 +1,69 @@
+"""Restores a converted checkpoint, straight into `NamedSharding` targets on a mesh.
+
+Orbax reads, on each process, only the shards its devices hold. Without a mesh the
+parameters land on one device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from smallfour import config as config_lib
+from smallfour import sharding
+from smallfour.checkpoint import tree
+from smallfour.checkpoint.assemble import CheckpointError
+from smallfour.checkpoint.convert import PARAMS_DIR, STAGING_SUFFIX
+from smallfour.nn.decoder import Transformer
+
+import orbax.checkpoint.experimental.v1 as ocp
+
+
+def read_metadata(ckpt_dir: str) -> dict[str, Any]:
+  """The checkpoint's smallfour_config.json, with a clear error if it is not one."""
+  file = os.path.join(ckpt_dir, config_lib.SMALLFOUR_CONFIG_FILE)
+  if not os.path.exists(file):
+    if os.path.exists(ckpt_dir.rstrip("/") + STAGING_SUFFIX):
+      raise CheckpointError(f"{ckpt_dir}: the conversion into it did not finish; rerun it")
+    raise CheckpointError(f"{ckpt_dir} is not a converted smallfour checkpoint (no {file})")
+  with open(file) as f:
+    return json.load(f)
+
+
+def restore_model(ckpt_dir: str, mesh: jax.sharding.Mesh | None = None,
+                  dtype: str | None = None) -> Transformer:
+  """Builds the model abstractly and fills it from `ckpt_dir`.
+
+  Args:
+    mesh: parameters are placed by the logical-axis rule table on this mesh; default, the
+      first device (plain, mesh-free arrays).
+    dtype: the parameter (= activation) dtype; default, the dtype the checkpoint stores.
+  """
+  meta = read_metadata(ckpt_dir)
+  cfg = config_lib.TextConfig.from_dict(meta["text"])
+  param_dtype = jnp.dtype(dtype or meta["param_dtype"])
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))
+  state = nnx.state(model, nnx.Param)
+  flat = nnx.to_flat_state(state)
+  if mesh is None:
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    placement = {path: one_device for path, _ in flat}
+  else:
+    placement = {path: var.get_value()
+                 for path, var in nnx.to_flat_state(sharding.named_shardings(state, mesh))}
+  target = tree.nest({
+      path: jax.ShapeDtypeStruct(var.shape, param_dtype, sharding=placement[path])
+      for path, var in flat})
+  try:
+    loaded = ocp.load(os.path.join(ckpt_dir, PARAMS_DIR), target)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise CheckpointError(f"{ckpt_dir}: parameters do not match its config ({e})") from None
+  for path, var in flat:
+    var.set_value(tree.lookup(loaded, path))
+  nnx.update(model, state)
+  return model

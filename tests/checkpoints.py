@@ -1,0 +1,144 @@
+"""Writers of small released-format checkpoints, built from an oracle model's weights.
+
+* `write_mistral3_disk`: the HF multimodal repo layout (`language_model.model.*` on disk,
+  a Mistral3 config.json wrapping the mistral4 text config, a stray vision tensor).
+* `write_native_fp8`: params.json + consolidated.safetensors with per-expert w1/w2/w3,
+  text linears quantized to e4m3 with per-tensor `qscale_weight` (+ `qscale_act`).
+  Returns the dequantized weights under HF names, for the oracle to hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+from transformers import Mistral3Config
+
+F8_MAX = 448.0
+
+
+def write_hf(directory: str, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+  """config.json + two shards + model.safetensors.index.json."""
+  os.makedirs(directory, exist_ok=True)
+  names = sorted(tensors)
+  shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
+            "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+  for shard, keys in shards.items():
+    save_file({k: tensors[k] for k in keys}, os.path.join(directory, shard))
+  index = {"metadata": {}, "weight_map": {k: s for s, ks in shards.items() for k in ks}}
+  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+    json.dump(index, f)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config, f)
+
+
+def write_mistral3_disk(directory: str, hf_cfg, tensors: dict[str, np.ndarray]) -> None:
+  renamed = {("language_model." + k if k.startswith(("model.", "lm_head.")) else k): v
+             for k, v in tensors.items()}
+  renamed["vision_tower.patch_conv.weight"] = np.zeros((8, 3, 2, 2), ml_dtypes.bfloat16)
+  wrapper = Mistral3Config(text_config=hf_cfg.to_dict(), tie_word_embeddings=False).to_dict()
+  write_hf(directory, wrapper, renamed)
+
+
+def native_params(hf_cfg, apply_scale: bool = False) -> dict[str, Any]:
+  """params.json for an oracle Mistral4Config (spec §6.1 field names)."""
+  rope = hf_cfg.rope_parameters
+  return {
+      "dim": hf_cfg.hidden_size, "n_layers": hf_cfg.num_hidden_layers,
+      "head_dim": hf_cfg.qk_nope_head_dim + hf_cfg.qk_rope_head_dim,
+      "hidden_dim": hf_cfg.intermediate_size, "n_heads": hf_cfg.num_attention_heads,
+      "n_kv_heads": hf_cfg.num_key_value_heads, "rope_theta": rope["rope_theta"],
+      "norm_eps": hf_cfg.rms_norm_eps, "vocab_size": hf_cfg.vocab_size,
+      "max_position_embeddings": hf_cfg.max_position_embeddings, "tied_embeddings": False,
+      "q_lora_rank": hf_cfg.q_lora_rank, "qk_rope_head_dim": hf_cfg.qk_rope_head_dim,
+      "qk_nope_head_dim": hf_cfg.qk_nope_head_dim, "kv_lora_rank": hf_cfg.kv_lora_rank,
+      "v_head_dim": hf_cfg.v_head_dim,
+      "llama_4_scaling": {"beta": rope["llama_4_scaling_beta"],
+                          "original_max_position_embeddings":
+                              rope["original_max_position_embeddings"]},
+      "yarn": {"factor": rope["factor"],
+               "original_max_position_embeddings": rope["original_max_position_embeddings"],
+               "beta": rope["beta_fast"], "alpha": rope["beta_slow"], "apply_scale": apply_scale},
+      "moe": {"first_k_dense_replace": hf_cfg.first_k_dense_replace,
+              "num_experts": hf_cfg.n_routed_experts,
+              "num_experts_per_tok": hf_cfg.num_experts_per_tok,
+              "num_expert_groups": hf_cfg.n_group, "num_expert_groups_per_tok": hf_cfg.topk_group,
+              "routed_scale": hf_cfg.routed_scaling_factor,
+              "expert_hidden_dim": hf_cfg.moe_intermediate_size,
+              "num_shared_experts": hf_cfg.n_shared_experts},
+      "quantization": {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"},
+  }
+
+
+_RENAMES = [  # HF text name -> native name (regex, applied in order)
+    (r"^model\.embed_tokens\.", "tok_embeddings."), (r"^model\.norm\.", "norm."),
+    (r"^lm_head\.", "output."), (r"^model\.layers\.", "layers."),
+    (r"\.input_layernorm\.", ".attention_norm."),
+    (r"\.post_attention_layernorm\.", ".ffn_norm."),
+    (r"\.self_attn\.q_a_proj\.", ".attention.wq_a."),
+    (r"\.self_attn\.q_a_layernorm\.", ".attention.q_a_norm."),
+    (r"\.self_attn\.q_b_proj\.", ".attention.wq_b."),
+    (r"\.self_attn\.kv_a_proj_with_mqa\.", ".attention.wkv_a_with_mqa."),
+    (r"\.self_attn\.kv_a_layernorm\.", ".attention.kv_a_norm."),
+    (r"\.self_attn\.kv_b_proj\.", ".attention.wkv_b."), (r"\.self_attn\.o_proj\.", ".attention.wo."),
+    (r"\.mlp\.gate\.weight$", ".gate.weight"),
+    (r"\.mlp\.shared_experts\.gate_proj\.", ".shared_experts.w1."),
+    (r"\.mlp\.shared_experts\.up_proj\.", ".shared_experts.w3."),
+    (r"\.mlp\.shared_experts\.down_proj\.", ".shared_experts.w2."),
+    (r"\.mlp\.gate_proj\.", ".feed_forward.w1."), (r"\.mlp\.up_proj\.", ".feed_forward.w3."),
+    (r"\.mlp\.down_proj\.", ".feed_forward.w2."),
+]
+_KEEP_BF16 = ("tok_embeddings.", "output.", "norm.weight", ".gate.weight")
+
+
+def _native_relations(tensors: dict[str, np.ndarray], f: int):
+  """(hf_name, index, native_name) triples: native[name] = hf[hf_name][index]."""
+  for name, value in tensors.items():
+    expert = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", name)
+    if expert:
+      layer, kind = expert.groups()
+      for e in range(value.shape[0]):
+        base = f"layers.{layer}.experts.{e}"
+        if kind == "down_proj":
+          yield name, (e,), f"{base}.w2.weight"
+        else:
+          yield name, (e, slice(0, f)), f"{base}.w1.weight"
+          yield name, (e, slice(f, 2 * f)), f"{base}.w3.weight"
+      continue
+    native = name
+    for pattern, repl in _RENAMES:
+      native = re.sub(pattern, repl, native)
+    yield name, (), native
+
+
+def write_native_fp8(directory: str, hf_cfg, tensors: dict[str, np.ndarray],
+                     with_tokenizer: bool = True) -> dict[str, np.ndarray]:
+  """Writes the native checkpoint; returns the dequantized weights under HF names."""
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(0)
+  out: dict[str, np.ndarray] = {}
+  dequantized = {k: np.array(v, np.float32) for k, v in tensors.items()}
+  for hf_name, index, native in _native_relations(tensors, hf_cfg.moe_intermediate_size):
+    w = np.asarray(tensors[hf_name][index], np.float32)
+    if native.endswith(_KEEP_BF16) or w.ndim == 1:
+      out[native] = w.astype(ml_dtypes.bfloat16)
+      dequantized[hf_name][index] = out[native].astype(np.float32)
+      continue
+    scale = np.float32(np.abs(w).max() / F8_MAX)
+    q = (w / scale).astype(ml_dtypes.float8_e4m3fn)
+    out[native] = q
+    out[native[:-len("weight")] + "qscale_weight"] = np.array(scale, np.float32)
+    out[native[:-len("weight")] + "qscale_act"] = np.array(rng.random() + 0.1, np.float32)
+    dequantized[hf_name][index] = q.astype(np.float32) * scale
+  save_file(out, os.path.join(directory, "consolidated.safetensors"))
+  with open(os.path.join(directory, "params.json"), "w") as f:
+    json.dump(native_params(hf_cfg), f)
+  if with_tokenizer:
+    with open(os.path.join(directory, "tekken.json"), "w") as f:
+      json.dump({"config": {"pattern": "test"}, "vocab": []}, f)
+  return dequantized

@@ -1,0 +1,99 @@
+"""Converter round trips: released layouts -> orbax -> restore -> transformers' logits."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from smallfour.checkpoint import convert as convert_lib
+from smallfour.checkpoint import restore as restore_lib
+from smallfour.checkpoint.assemble import CheckpointError
+from smallfour import sharding
+from tests import checkpoints, oracle
+
+TOKENS = np.random.default_rng(5).integers(0, 256, (2, 48))  # crosses original_max=32
+
+
+def hf_cfg(**kw):
+  return oracle.hf_config(num_hidden_layers=3, first_k_dense_replace=1, n_group=2, topk_group=1,
+                          n_shared_experts=2, routed_scaling_factor=1.3, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference():
+  cfg = hf_cfg()
+  model = oracle.hf_model(cfg, seed=7)
+  return cfg, model, oracle.state_dict_numpy(model)
+
+
+@nnx.jit
+def forward(model, tokens):
+  return model(tokens)
+
+
+def logits_of(ckpt_dir, **kw):
+  return np.asarray(forward(restore_lib.restore_model(ckpt_dir, **kw), jnp.asarray(TOKENS)))
+
+
+def test_save_pretrained_round_trip(reference, tmp_path):
+  cfg, model, _ = reference
+  model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+  stats = convert_lib.convert(str(tmp_path / "hf"), str(tmp_path / "out"), dtype="float32",
+                              progress=False)
+  assert stats["written_bytes"] > 0
+  meta = restore_lib.read_metadata(str(tmp_path / "out"))
+  assert meta["text"]["softmax_scale_mode"] == "hf_mscale_fold"
+  np.testing.assert_allclose(logits_of(str(tmp_path / "out")), oracle.logits(model, TOKENS),
+                             atol=1e-4, rtol=0)
+
+
+def test_mistral3_disk_layout_round_trip(reference, tmp_path):
+  cfg, model, tensors = reference
+  checkpoints.write_mistral3_disk(str(tmp_path / "hf"), cfg, tensors)
+  convert_lib.convert(str(tmp_path / "hf"), str(tmp_path / "out"), dtype="float32",
+                      progress=False)
+  np.testing.assert_allclose(logits_of(str(tmp_path / "out")), oracle.logits(model, TOKENS),
+                             atol=1e-4, rtol=0)
+
+
+def test_native_fp8_round_trip(reference, tmp_path):
+  cfg, _, tensors = reference
+  dequantized = checkpoints.write_native_fp8(str(tmp_path / "native"), cfg, tensors)
+  plain = oracle.hf_model(cfg, plain_softmax_scale=True)
+  plain.load_state_dict({k: torch.as_tensor(v) for k, v in dequantized.items()})
+  convert_lib.convert(str(tmp_path / "native"), str(tmp_path / "out"), dtype="float32",
+                      progress=False)
+  out = tmp_path / "out"
+  assert json.loads((out / "tekken.json").read_text())["config"]["pattern"] == "test"
+  assert restore_lib.read_metadata(str(out))["text"]["softmax_scale_mode"] == "plain"
+  np.testing.assert_allclose(logits_of(str(out)), oracle.logits(plain, TOKENS), atol=1e-4, rtol=0)
+  # The flag overrides what the format implies.
+  convert_lib.convert(str(tmp_path / "native"), str(tmp_path / "folded"), dtype="float32",
+                      softmax_scale="hf_mscale_fold", progress=False)
+  meta = restore_lib.read_metadata(str(tmp_path / "folded"))
+  assert meta["text"]["softmax_scale_mode"] == "hf_mscale_fold"
+
+
+def test_bfloat16_storage_and_sharded_restore(reference, tmp_path):
+  cfg, model, _ = reference
+  model.save_pretrained(tmp_path / "hf")
+  convert_lib.convert(str(tmp_path / "hf"), str(tmp_path / "out"), progress=False)
+  out = str(tmp_path / "out")
+  single = restore_lib.restore_model(out)
+  assert single.layers[1].ffn.experts.gate_proj[...].dtype == jnp.bfloat16
+  mesh = jax.make_mesh((1, 8, 1), sharding.MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 3)
+  sharded = restore_lib.restore_model(out, mesh=mesh, dtype="float32")
+  experts = sharded.layers[1].ffn.experts.gate_proj[...]
+  assert experts.dtype == jnp.float32
+  assert experts.sharding.spec[0] == "expert"
+  assert {s.data.shape[0] for s in experts.addressable_shards} == {1}  # 8 experts / 8 devices
+  np.testing.assert_array_equal(np.asarray(experts),
+                                np.asarray(single.layers[1].ffn.experts.gate_proj[...],
+                                           np.float32))
