@@ -65,10 +65,10 @@ def build_params(maps: Iterable[TensorMap], source: TensorSource,
       raise AssertionError(f"key map targets {m.path}, which the model lacks")
     var = expected[m.path]
     inputs = [source.read(name, m.read_index, var.dtype) for name in m.sources]
-    value = m.build(*inputs)
+    value = m.build(*inputs)  # often a strided view: copied exactly once below
     if m.write_index is None:
       target_shape = tuple(var.shape)
-      out[m.path] = value
+      out[m.path] = np.ascontiguousarray(value)
     else:
       target_shape = tuple(var.shape[1:])
       if m.path not in out:

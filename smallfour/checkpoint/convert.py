@@ -19,10 +19,11 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
+from flax import nnx
 from tqdm import tqdm
 
 from smallfour import config as config_lib
@@ -30,10 +31,37 @@ from smallfour import summary
 from smallfour.checkpoint import tree
 from smallfour.checkpoint.assemble import CheckpointError, build_params
 from smallfour.checkpoint.formats import open_checkpoint
+from smallfour.checkpoint.keymap import Path, TensorMap
 
 PARAMS_DIR = "params"
 STAGING_SUFFIX = ".partial"
 DTYPES = ("bfloat16", "float32")
+
+
+# Parameters are saved in chunks of about this size: orbax copies what it is given, so
+# the chunk bounds that copy, while fewer, larger saves amortise orbax's per-call cost.
+SAVE_CHUNK_BYTES = 64 * 2**20
+
+
+def _group_bytes(group: list[TensorMap], abstract: nnx.State) -> int:
+  flat = dict(nnx.to_flat_state(abstract))
+  return sum(flat[p].size * np.dtype(flat[p].dtype).itemsize for p in {m.path for m in group})
+
+
+def _build_in_chunks(group: list[TensorMap], source, abstract: nnx.State
+                     ) -> Iterator[dict[Path, np.ndarray]]:
+  """Builds a layer's parameters one at a time, yielding them in ~SAVE_CHUNK_BYTES chunks."""
+  by_path: dict[Path, list[TensorMap]] = {}
+  for m in group:
+    by_path.setdefault(m.path, []).append(m)
+  chunk: dict[Path, np.ndarray] = {}
+  for path, maps in by_path.items():
+    chunk.update(build_params(maps, source, abstract))
+    if sum(a.nbytes for a in chunk.values()) >= SAVE_CHUNK_BYTES:
+      yield chunk
+      chunk = {}
+  if chunk:
+    yield chunk
 
 
 def convert(src: str, dst: str, *, dtype: str = "bfloat16",
@@ -69,18 +97,28 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
   params_dir = os.path.join(staging, PARAMS_DIR)
   source_bytes = sum(os.path.getsize(f) for f in set(ckpt.source.location.values()))
   written = 0
-  bar = tqdm(total=len(ckpt.maps), unit="layer", desc="convert", disable=not progress)
-  for i, group in enumerate(ckpt.maps):
-    built = build_params(group, ckpt.source, abstract)
-    written += sum(a.nbytes for a in built.values())
-    ocp.partial.save(params_dir, tree.nest(built))
-    del built
-    ckpt.source.release()
-    bar.update(1)
-    bar.set_postfix(written=f"{written / 2**30:.2f} GiB",
-                    layer=i if i < cfg.num_layers else "embed/head")
+  # Random-looking weights do not compress; zstd would only cost time.
+  ctx = ocp.Context()
+  ctx.array.saving.use_compression = False
+  bar = tqdm(total=sum(_group_bytes(g, abstract) for g in ckpt.maps), unit="B",
+             unit_scale=True, desc="convert", disable=not progress)
+  pending = None  # orbax writes one chunk in the background while the next is built
+  with ctx:
+    for i, group in enumerate(ckpt.maps):
+      bar.set_postfix(layer=i if i < cfg.num_layers else "embed/head")
+      for built in _build_in_chunks(group, ckpt.source, abstract):
+        if pending is not None:
+          pending.result()
+        pending = ocp.partial.save_async(params_dir, tree.nest(built))
+        size = sum(a.nbytes for a in built.values())
+        written += size
+        bar.update(size)
+        del built
+      ckpt.source.release()
+    if pending is not None:
+      pending.result()
+    ocp.partial.finalize(params_dir)
   bar.close()
-  ocp.partial.finalize(params_dir)
 
   if ckpt.tokenizer:
     shutil.copyfile(ckpt.tokenizer, os.path.join(staging, "tekken.json"))

@@ -51,7 +51,7 @@ def _same(w: np.ndarray) -> np.ndarray:
 
 
 def _t(w: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(w.T)
+  return w.T
 
 
 # ---------------------------------------------------------------- shared layout
@@ -63,14 +63,14 @@ def _attention_maps(cfg: TextConfig, dst: Path, names: dict[str, str]) -> list[T
   dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
 
   def q_b(w):  # [H·(Dn+Dr), Q] -> [Q, H, Dn+Dr]
-    return np.ascontiguousarray(w.T.reshape(q, h, dn + dr))
+    return w.T.reshape(q, h, dn + dr)
 
   def kv_b(part):  # [H·(Dn+Dv), R] -> k_up [R, H, Dn] or v_up [R, H, Dv]
     sl = slice(0, dn) if part == "k" else slice(dn, dn + dv)
-    return lambda w: np.ascontiguousarray(w.reshape(h, dn + dv, r)[:, sl].transpose(2, 0, 1))
+    return lambda w: w.reshape(h, dn + dv, r)[:, sl].transpose(2, 0, 1)
 
   def o(w):  # [D, H·Dv] -> [H, Dv, D]
-    return np.ascontiguousarray(w.T.reshape(h, dv, d))
+    return w.T.reshape(h, dv, d)
 
   a = dst + ("attn",)
   return [
@@ -141,11 +141,12 @@ def hf_layer_maps(cfg: TextConfig, layer: int, prefix: str = "model") -> list[Te
                                d, cfg.intermediate_size)
   maps.append(_map(ffn + ("router", "kernel"), f"{mlp}.gate.weight", (e, d), _t))
   gate_up, down = f"{mlp}.experts.gate_up_proj", f"{mlp}.experts.down_proj"
+  gate_rows, up_rows = (lambda w: _t(w[:f])), (lambda w: _t(w[f:]))  # gate_up[i]: [2F, D]
   for i in range(e):
     index = dict(read_index=i, write_index=i)
-    maps += [  # gate_up_proj[i]: [2F, D], gate rows first; down_proj[i]: [D, F]
-        _map(ffn + ("experts", "gate_proj"), gate_up, (e, 2 * f, d), lambda w: _t(w[:f]), **index),
-        _map(ffn + ("experts", "up_proj"), gate_up, (e, 2 * f, d), lambda w: _t(w[f:]), **index),
+    maps += [
+        _map(ffn + ("experts", "gate_proj"), gate_up, (e, 2 * f, d), gate_rows, **index),
+        _map(ffn + ("experts", "up_proj"), gate_up, (e, 2 * f, d), up_rows, **index),
         _map(ffn + ("experts", "down_proj"), down, (e, d, f), _t, **index),
     ]
   if cfg.n_shared_experts:

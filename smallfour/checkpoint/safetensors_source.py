@@ -8,10 +8,13 @@ resident set stays about one layer. torch is never imported.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from typing import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -25,6 +28,12 @@ if not hasattr(np, "float8_e4m3fn"):
   np.float8_e4m3fn = ml_dtypes.float8_e4m3fn
 
 FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F8_E4M3"})
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _dequantize(raw: jax.Array, scale: jax.Array, dtype: np.dtype) -> jax.Array:
+  """`dtype(float32(raw) · scale)` in one fused pass; numpy takes three, ~2x slower."""
+  return (raw.astype(jnp.float32) * scale).astype(dtype)
 
 
 class SafetensorsSource:
@@ -107,7 +116,7 @@ class SafetensorsSource:
     scale = self._scale(name, index, raw.ndim)
     if scale is None:
       return raw.astype(dtype, copy=False)
-    return (raw.astype(np.float32) * scale).astype(dtype, copy=False)
+    return np.asarray(_dequantize(raw, scale, np.dtype(dtype)))
 
   def release(self) -> None:
     """Closes (unmaps) every open file; later reads reopen them."""
