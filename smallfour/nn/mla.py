@@ -72,13 +72,48 @@ class MLA(nnx.Module):
     q_nope: [B, S, H, Dn], q_rope: [B, S, H, Dr], c: [B, T, R], k_rope: [B, T, Dr],
     mask: [B, S, T] bool (True = may attend) -> [B, S, D].
     """
-    k_nope = jnp.einsum("btr,rhn->bthn", c, self.k_up[...])
-    v = jnp.einsum("btr,rhv->bthv", c, self.v_up[...])
+    k_nope, v = self.expand(c)
+    return self.project_out(self._attend(q_nope, q_rope, k_nope, k_rope, v, mask))
+
+  def attend_chunked(self, q_nope: jax.Array, q_rope: jax.Array, c: jax.Array,
+                     k_rope: jax.Array, q_pos: jax.Array, k_valid: jax.Array,
+                     chunk: int) -> jax.Array:
+    """The expanded form over query chunks, so memory grows linearly with the prompt.
+
+    Keys/values are expanded once ([B, T, H, Dn + Dv]); each chunk of `chunk` queries
+    attends to every key at a position ≤ its own (keys at index t have position t).
+    q_pos: [B, S] query positions; k_valid: [B, T] bool; S must be a multiple of `chunk`.
+    """
+    b, s = q_pos.shape
+    if s % chunk:
+      raise ValueError(f"prompt length {s} is not a multiple of the chunk {chunk}")
+    k_nope, v = self.expand(c)
+    k_pos = jnp.arange(c.shape[1])
+
+    def one_chunk(args):
+      qn, qr, qp = args  # [B, chunk, H, Dn], [B, chunk, H, Dr], [B, chunk]
+      mask = (k_pos[None, None, :] <= qp[:, :, None]) & k_valid[:, None, :]
+      return self._attend(qn, qr, k_nope, k_rope, v, mask)
+
+    split = lambda x: jnp.moveaxis(x.reshape(b, s // chunk, chunk, *x.shape[2:]), 1, 0)  # noqa
+    out = jax.lax.map(one_chunk, (split(q_nope), split(q_rope), split(q_pos)))
+    return self.project_out(jnp.moveaxis(out, 0, 1).reshape(b, s, *out.shape[3:]))
+
+  def expand(self, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """c: [B, T, R] -> (k_nope [B, T, H, Dn], v [B, T, H, Dv])."""
+    return (jnp.einsum("btr,rhn->bthn", c, self.k_up[...]),
+            jnp.einsum("btr,rhv->bthv", c, self.v_up[...]))
+
+  def project_out(self, o: jax.Array) -> jax.Array:
+    """o: [B, S, H, Dv] -> [B, S, D]."""
+    return jnp.einsum("bshv,hvd->bsd", o, self.o_proj[...])
+
+  def _attend(self, q_nope, q_rope, k_nope, k_rope, v, mask) -> jax.Array:
+    """Scores in float32, probabilities cast to the value dtype: [B, S, H, Dv]."""
     scores = (jnp.einsum("bshn,bthn->bhst", q_nope, k_nope, preferred_element_type=_F32)
               + jnp.einsum("bshr,btr->bhst", q_rope, k_rope, preferred_element_type=_F32))
     probs = _masked_softmax(scores * self.softmax_scale, mask).astype(v.dtype)
-    out = jnp.einsum("bhst,bthv->bshv", probs, v)
-    return jnp.einsum("bshv,hvd->bsd", out, self.o_proj[...])
+    return jnp.einsum("bhst,bthv->bshv", probs, v)
 
   def attend_absorbed(self, q_nope: jax.Array, q_rope: jax.Array, c: jax.Array,
                       k_rope: jax.Array, mask: jax.Array) -> jax.Array:
@@ -93,7 +128,7 @@ class MLA(nnx.Module):
     probs = _masked_softmax(scores * self.softmax_scale, mask)
     out_latent = jnp.einsum("bhst,btr->bshr", probs, c.astype(_F32))
     out = jnp.einsum("bshr,rhv->bshv", out_latent, self.v_up[...].astype(_F32))
-    return jnp.einsum("bshv,hvd->bsd", out.astype(c.dtype), self.o_proj[...])
+    return self.project_out(out.astype(c.dtype))
 
 
 def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:

@@ -1,0 +1,70 @@
+"""Cache-aware forward passes: chunked expanded prefill and absorbed one-token decode.
+
+Both walk the model's layers themselves (the modules hold weights only) and thread the
+`LatentCache` pytree through: prefill writes every prompt token's latent, decode
+appends one token per sequence and attends over the latent without expanding it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from smallfour.inference.cache import LatentCache
+from smallfour.nn.decoder import Transformer
+
+
+def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, max_len: int,
+            chunk: int) -> tuple[jax.Array, LatentCache]:
+  """Runs right-padded prompts and returns the next-token logits and their cache.
+
+  tokens: [B, S] (S a multiple of `chunk`, S ≤ max_len); lengths: [B] real tokens per row.
+  Returns (logits [B, V] at each row's last real token, LatentCache of T = max_len).
+  """
+  b, s = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  valid = positions < lengths[:, None]
+  h = model.embed(tokens)
+  pos = model.positions(positions, h.dtype)
+  latents = []
+  for layer in model.layers:
+    a = layer.input_norm(h)
+    q_nope, q_rope = layer.attn.queries(a, pos)
+    c, k_rope = layer.attn.latents(a, pos)
+    h = h + layer.attn.attend_chunked(q_nope, q_rope, c, k_rope, positions, valid, chunk)
+    h = h + layer.ffn(layer.post_attn_norm(h))
+    latents.append(jnp.concatenate([c, k_rope], axis=-1))
+  latent = jnp.stack(latents)  # [L, B, S, R + Dr]
+  latent = jnp.pad(latent, ((0, 0), (0, 0), (0, max_len - s), (0, 0)))
+  last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
+  return model.logits(last)[:, 0], LatentCache(latent, lengths.astype(jnp.int32))
+
+
+def decode_step(model: Transformer, tokens: jax.Array, cache: LatentCache,
+                active: jax.Array) -> tuple[jax.Array, LatentCache]:
+  """Feeds one token per sequence at position `cache.lengths` (absorbed MLA).
+
+  tokens: [B]; active: [B] bool — inactive rows (finished, or with a full cache) neither
+  write the cache nor advance. Returns (logits [B, V], the updated cache).
+  """
+  b, t = cache.batch, cache.max_len
+  rank = model.cfg.kv_lora_rank
+  positions = cache.lengths[:, None]  # [B, 1]
+  h = model.embed(jnp.where(active, tokens, 0)[:, None])  # finished rows feed a dummy id
+  pos = model.positions(positions, h.dtype)
+  write_at = jnp.where(active, cache.lengths, t)  # t is out of bounds: the write is dropped
+  mask = (jnp.arange(t)[None, None, :] <= positions[:, :, None])  # [B, 1, T]
+  latent = cache.latent
+  rows = jnp.arange(b)
+  for i, layer in enumerate(model.layers):
+    a = layer.input_norm(h)
+    q_nope, q_rope = layer.attn.queries(a, pos)
+    c, k_rope = layer.attn.latents(a, pos)
+    new = jnp.concatenate([c, k_rope], axis=-1)[:, 0].astype(latent.dtype)  # [B, R + Dr]
+    latent = latent.at[i, rows, write_at].set(new, mode="drop")
+    layer_cache = latent[i]  # [B, T, R + Dr]
+    h = h + layer.attn.attend_absorbed(q_nope, q_rope, layer_cache[..., :rank],
+                                       layer_cache[..., rank:], mask)
+    h = h + layer.ffn(layer.post_attn_norm(h))
+  lengths = cache.lengths + active.astype(jnp.int32)
+  return model.logits(h)[:, 0], LatentCache(latent, lengths)
