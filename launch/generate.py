@@ -17,6 +17,7 @@ from absl import app, flags
 from flax import nnx
 
 import configs
+from smallfour import sharding
 from smallfour.checkpoint import restore
 from smallfour.checkpoint.assemble import CheckpointError
 from smallfour.config import ConfigError
@@ -41,11 +42,9 @@ _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write {'token_ids': [..
 
 def _parse_mesh(spec: str) -> dict[str, int]:
   try:
-    sizes = {k: int(v) for k, v in (part.split(":") for part in spec.split(","))}
-  except ValueError:
-    raise app.UsageError(f"--mesh={spec!r}: expected data:D,expert:E,tensor:T") from None
-  if set(sizes) != {"data", "expert", "tensor"} or min(sizes.values()) < 1:
-    raise app.UsageError(f"--mesh={spec!r}: expected positive sizes for data, expert, tensor")
+    sizes = sharding.parse_mesh(spec)
+  except sharding.MeshError as e:
+    raise app.UsageError(str(e)) from None
   if sizes["data"] * sizes["expert"] * sizes["tensor"] != 1:
     raise app.UsageError(f"--mesh={spec!r}: only a single-device mesh is supported so far")
   return sizes

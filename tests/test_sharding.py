@@ -35,3 +35,21 @@ def test_every_parameter_resolves_on_an_expert_mesh(abstract_119b):
 def test_unknown_axis_name_is_rejected():
   with pytest.raises(ValueError, match=r"logical axes \['hidden'\] are not in"):
     params.ones((4,), ("hidden",), np.float32)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("data:1,expert:16,tensor:1", "needs 16 devices; 8 are available"),
+    ("data:1,expert:3,tensor:1", "128 experts are not divisible by the expert axis (3)"),
+    ("data:1,expert:1,tensor:3", "32 heads are not divisible by the tensor axis (3)"),
+    ("data:1,expert:2", "expected positive sizes for each of"),
+    ("data=1", "expected data:D,expert:E,tensor:T"),
+])
+def test_impossible_meshes(spec, message):
+  with pytest.raises(sharding.MeshError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    sharding.make_mesh(sharding.parse_mesh(spec), configs.resolve("small4_119b"))
+
+
+def test_mesh_builder():
+  mesh = sharding.make_mesh(sharding.parse_mesh("data:2,expert:4,tensor:1"),
+                            configs.resolve("small4_119b"))
+  assert dict(mesh.shape) == {"data": 2, "expert": 4, "tensor": 1}
