@@ -52,11 +52,16 @@ def tiny():
   return cfg, model, Engine(model, max_len=64, prefill_chunk=16)
 
 
+@nnx.jit
+def _forward(model, tokens):
+  return model(tokens)
+
+
 def test_greedy_is_argmax_of_teacher_forcing(tiny):
   _, model, engine = tiny
   out = engine.generate(PROMPTS, max_new_tokens=20)
   for prompt, got in zip(PROMPTS, out):
-    logits = model(jnp.asarray([prompt + got]))[0]
+    logits = _forward(model, jnp.asarray([prompt + got]))[0]
     assert np.asarray(jnp.argmax(logits[len(prompt) - 1:-1], -1)).tolist() == got
 
 
@@ -74,11 +79,12 @@ def test_chunked_prefill_equals_unchunked(tiny):
   cfg, model, _ = tiny
   tokens = jnp.asarray([list(range(1, 33)), list(range(40, 72))])
   lengths = jnp.asarray([32, 21])
-  a_logits, a_cache = forward.prefill(model, tokens, lengths, 64, chunk=8)
-  b_logits, b_cache = forward.prefill(model, tokens, lengths, 64, chunk=32)
+  prefill = nnx.jit(forward.prefill, static_argnums=(3, 4))
+  a_logits, a_cache = prefill(model, tokens, lengths, 64, 8)
+  b_logits, b_cache = prefill(model, tokens, lengths, 64, 32)
   np.testing.assert_allclose(a_logits, b_logits, atol=1e-5)
   np.testing.assert_allclose(a_cache.latent, b_cache.latent, atol=1e-5)
-  full = model(tokens)
+  full = _forward(model, tokens)
   np.testing.assert_allclose(a_logits, full[jnp.arange(2), lengths - 1], atol=1e-4)
 
 
