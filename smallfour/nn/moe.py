@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from smallfour.config import TextConfig
-from smallfour.nn import params
+from smallfour.nn import moe_kernels, params
 
 _F32 = jnp.float32
 
@@ -99,12 +99,35 @@ def dense_oracle(experts: RoutedExperts, x: jax.Array, weights: jax.Array,
 
 
 MoeKernel = Callable[[RoutedExperts, jax.Array, jax.Array, jax.Array], jax.Array]
-KERNELS: dict[str, MoeKernel] = {"dense_oracle": dense_oracle}
+
+
+def _on_module(kernel: moe_kernels.Kernel) -> MoeKernel:
+  """An array kernel of `moe_kernels` applied to the module's stacked weights."""
+
+  def run(experts: RoutedExperts, x: jax.Array, weights: jax.Array,
+          ids: jax.Array) -> jax.Array:
+    return kernel(experts.gate_proj[...], experts.up_proj[...], experts.down_proj[...], x,
+                  weights, ids)
+
+  return run
+
+
+KERNELS: dict[str, MoeKernel] = {
+    "dense_oracle": dense_oracle,
+    **{name: _on_module(kernel) for name, kernel in moe_kernels.KERNELS.items()},
+}
 
 
 def routed_experts(experts: RoutedExperts, x: jax.Array, weights: jax.Array, ids: jax.Array,
-                   impl: str = "dense_oracle") -> jax.Array:
-  """The routed expert sum `Σ_k w_k · expert_{id_k}(x)` with the kernel named `impl`."""
+                   impl: str = "auto") -> jax.Array:
+  """The routed expert sum `Σ_k w_k · expert_{id_k}(x)` with the kernel named `impl`.
+
+  "auto" picks by backend and token count (`moe_kernels.select_kernel`); the choice is
+  static, made at trace time from x's static shape.
+  x: [N, D], weights/ids: [N, K] -> [N, D].
+  """
+  if impl == "auto":
+    impl = moe_kernels.select_kernel(x.shape[0], jax.default_backend())
   if impl not in KERNELS:
     raise ValueError(f"unknown MoE implementation {impl!r}; known: {sorted(KERNELS)}")
   return KERNELS[impl](experts, x, weights, ids)
