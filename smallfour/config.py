@@ -84,7 +84,7 @@ class TextConfig:
   softmax_scale_mode: SoftmaxScaleMode = "plain"
   max_position_embeddings: int = 1048576
   bos_token_id: int = 1
-  eos_token_id: int = 2
+  eos_token_id: int | None = 2  # None: generation stops only on length
   pad_token_id: int = 11
 
   def __post_init__(self):
@@ -168,7 +168,7 @@ def _validate(c: TextConfig) -> None:
   if r.original_max_position_embeddings <= 0 or r.llama_4_original_max_position_embeddings <= 0:
     raise ConfigError("original_max_position_embeddings must be > 0")
   for tok in ("bos_token_id", "eos_token_id"):
-    if not 0 <= getattr(c, tok) < c.vocab_size:
+    if getattr(c, tok) is not None and not 0 <= getattr(c, tok) < c.vocab_size:
       raise ConfigError(f"{tok}={getattr(c, tok)} outside vocab_size={c.vocab_size}")
 
 

@@ -105,3 +105,9 @@ def test_resolve_directories(tmp_path):
 def test_unknown_preset():
   with pytest.raises(ConfigError, match=r"--config='smol' is neither a preset \(small4_119b, tiny\)"):
     configs.resolve("smol")
+
+
+def test_eos_may_be_absent():
+  d = Mistral4Config().to_dict()
+  d["eos_token_id"] = None
+  assert config_lib.from_hf(d).eos_token_id is None

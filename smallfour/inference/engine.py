@@ -138,7 +138,8 @@ class Engine:
 
   def _stops(self, tokens, lengths):
     """EOS was produced, or the cache has no room to feed the token back."""
-    return (tokens == self.cfg.eos_token_id) | (lengths >= self.max_len)
+    full = lengths >= self.max_len
+    return full if self.cfg.eos_token_id is None else full | (tokens == self.cfg.eos_token_id)
 
   def _step_impl(self, state, cache, tokens, done, key, *, sampling):
     """Feeds `tokens` for rows not done and samples the next ones."""

@@ -1,0 +1,187 @@
+"""Decode and prefill speed: smallfour's Engine next to transformers' generate, one run.
+
+  python benchmarks/decode.py --json=decode.json
+
+Bench config (issue #5): hidden 1024, 8 layers, 16 heads, q_lora 384, kv_lora 128,
+rope 32, nope 32, v 64, 64 experts top-4 + 1 shared, expert width 256, vocab 32000,
+float32; the same random weights are loaded into both. Measured:
+  * decode tokens/s at batch 1 and 8 (64-token prompts, 64 new tokens, greedy), as
+    63 / (time(64 new) - time(1 new)), so prefill is excluded on both sides;
+  * prefill time of a 1024-token prompt (compiled; compile time reported apart);
+  * the batch-1 memory-bandwidth roofline fraction: weight bytes one decode step must
+    read ÷ step time ÷ the machine's measured read bandwidth (jit'd sum of 512 MiB).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from absl import app, flags
+from flax import nnx
+from transformers import Mistral4Config, Mistral4ForCausalLM
+
+from smallfour import config as config_lib
+from smallfour import summary
+from smallfour.checkpoint import assemble, keymap
+from smallfour.inference.engine import Engine
+from smallfour.nn import moe_kernels
+from smallfour.nn.decoder import Transformer
+
+_JSON = flags.DEFINE_string("json", None, "Also write the results here.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
+_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch threads (0: torch's default).")
+
+PROMPT, NEW, LONG = 64, 64, 1024
+
+
+def bench_hf_config() -> Mistral4Config:
+  return Mistral4Config(
+      vocab_size=32000, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=256,
+      num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=1,
+      n_routed_experts=64, num_experts_per_tok=4, kv_lora_rank=128, q_lora_rank=384,
+      qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64, n_group=1, topk_group=1,
+      first_k_dense_replace=0, max_position_embeddings=8192 * 4,
+      rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                           original_max_position_embeddings=8192, beta_fast=32.0,
+                           beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                           llama_4_scaling_beta=0.1, partial_rotary_factor=0.5),
+      eos_token_id=None, pad_token_id=0, bos_token_id=1)
+
+
+def build_models():
+  hf_cfg = bench_hf_config()
+  hf_cfg._attn_implementation = "sdpa"
+  torch.manual_seed(0)
+  hf = Mistral4ForCausalLM(hf_cfg).float().eval()
+  gen = torch.Generator().manual_seed(0)
+  with torch.no_grad():  # unit-scale activations and decisive routing, as in the tests
+    for name, p in hf.named_parameters():
+      std = 1.0 if p.ndim == 1 or "embed" in name else 1 / p.shape[-1] ** 0.5
+      p.copy_(torch.randn(p.shape, generator=gen) * std + (1.0 if p.ndim == 1 else 0.0))
+  cfg = config_lib.from_hf(hf_cfg.to_dict())
+  ours = Transformer(cfg, rngs=nnx.Rngs(0))
+  tensors = {k: v.numpy() for k, v in hf.state_dict().items()}
+  assemble.load_into(ours, [m for g in keymap.hf_maps(cfg) for m in g],
+                     assemble.DictSource(tensors))
+  return hf, ours, cfg
+
+
+def _median_seconds(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def hf_decode_tok_s(hf, prompts: np.ndarray, repeats: int) -> float:
+  ids = torch.as_tensor(prompts)
+
+  def run(n):
+    with torch.no_grad():
+      hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+  run(2)  # warm-up
+  t_full, t_one = _median_seconds(lambda: run(NEW), repeats), _median_seconds(lambda: run(1),
+                                                                               repeats)
+  return prompts.shape[0] * (NEW - 1) / (t_full - t_one)
+
+
+def ours_decode_tok_s(engine: Engine, prompts: np.ndarray, repeats: int) -> tuple[float, float]:
+  batch = [list(p) for p in prompts]
+  start = time.perf_counter()
+  engine.generate(batch, NEW)  # compiles prefill, insert, first-token and the loop
+  compile_s = time.perf_counter() - start
+  engine.generate(batch, 1)
+  t_full = _median_seconds(lambda: engine.generate(batch, NEW), repeats)
+  t_one = _median_seconds(lambda: engine.generate(batch, 1), repeats)
+  return prompts.shape[0] * (NEW - 1) / (t_full - t_one), compile_s
+
+
+def prefill_seconds(hf, engine: Engine, repeats: int) -> dict[str, float]:
+  prompt = np.random.default_rng(1).integers(2, 32000, LONG)
+  ids = torch.as_tensor(prompt[None])
+
+  def hf_run():
+    with torch.no_grad():
+      hf(ids, use_cache=True)
+
+  hf_run()
+  start = time.perf_counter()
+  jax.block_until_ready(engine.prefill(list(prompt)))
+  compile_s = time.perf_counter() - start
+  ours = _median_seconds(lambda: jax.block_until_ready(engine.prefill(list(prompt))), repeats)
+  return {"smallfour_s": ours, "transformers_s": _median_seconds(hf_run, repeats),
+          "smallfour_compile_s": compile_s}
+
+
+def read_bandwidth() -> float:
+  """Bytes/s of a jit'd float32 reduction over 512 MiB: the decode roofline's memory side."""
+  x = jnp.ones((128, 1024, 1024), jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(x).block_until_ready()
+  return x.nbytes / _median_seconds(lambda: total(x).block_until_ready(), 5)
+
+
+def weight_bytes_per_step(cfg: config_lib.TextConfig) -> int:
+  """Float32 weight bytes one batch-1 decode step must read: every non-routed weight,
+  the top-k routed experts, the LM head, one embedding row."""
+  counts = summary.param_counts(cfg)
+  return 4 * (counts["active_params_per_token"]["with_lm_head"] + cfg.hidden_size)
+
+
+def main(argv):
+  del argv
+  if _THREADS.value:
+    torch.set_num_threads(_THREADS.value)
+  hf, ours, cfg = build_models()
+  engine = Engine(ours, max_len=2048, prefill_chunk=256)
+  rng = np.random.default_rng(0)
+  results = {"config": "bench (issue 5)", "backend": jax.default_backend(),
+             "torch_threads": torch.get_num_threads()}
+  for batch in (1, 8):
+    prompts = rng.integers(2, 32000, (batch, PROMPT))
+    tok_s, compile_s = ours_decode_tok_s(engine, prompts, _REPEATS.value)
+    results[f"b{batch}"] = {
+        "smallfour_tok_s": tok_s,
+        "transformers_tok_s": hf_decode_tok_s(hf, prompts, _REPEATS.value),
+        "smallfour_compile_s": compile_s,
+        "moe_kernel": moe_kernels.select_kernel(batch, jax.default_backend()),
+    }
+  results["prefill_1024"] = prefill_seconds(hf, engine, _REPEATS.value)
+  results["prefill_1024"]["moe_kernel"] = moe_kernels.select_kernel(LONG, jax.default_backend())
+  bandwidth = read_bandwidth()
+  step_s = 1 / results["b1"]["smallfour_tok_s"]
+  results["read_bandwidth_gb_s"] = bandwidth / 1e9
+  results["weight_bytes_per_step"] = weight_bytes_per_step(cfg)
+  results["roofline_fraction_b1"] = results["weight_bytes_per_step"] / step_s / bandwidth
+
+  print(f"backend {results['backend']}, torch threads {results['torch_threads']}, "
+        f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
+  print(f"{'':<22}{'smallfour':>12}{'transformers':>14}{'ratio':>8}  kernel")
+  for batch in (1, 8):
+    r = results[f"b{batch}"]
+    print(f"{f'decode B={batch} tok/s':<22}{r['smallfour_tok_s']:>12.1f}"
+          f"{r['transformers_tok_s']:>14.1f}"
+          f"{r['smallfour_tok_s'] / r['transformers_tok_s']:>7.2f}x  {r['moe_kernel']}")
+  p = results["prefill_1024"]
+  print(f"{'prefill 1024 s':<22}{p['smallfour_s']:>12.3f}{p['transformers_s']:>14.3f}"
+        f"{p['transformers_s'] / p['smallfour_s']:>7.2f}x  {p['moe_kernel']}")
+  print(f"compile s: decode B=1 {results['b1']['smallfour_compile_s']:.1f}, "
+        f"B=8 {results['b8']['smallfour_compile_s']:.1f}, prefill {p['smallfour_compile_s']:.1f}")
+  print(f"B=1 roofline: {results['weight_bytes_per_step'] / 2**20:.0f} MiB/step -> "
+        f"{results['roofline_fraction_b1']:.0%} of read bandwidth")
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
