@@ -80,10 +80,11 @@ def test_chunked_prefill_equals_unchunked(tiny):
   tokens = jnp.asarray([list(range(1, 33)), list(range(40, 72))])
   lengths = jnp.asarray([32, 21])
   prefill = nnx.jit(forward.prefill, static_argnums=(3, 4))
-  a_logits, a_cache = prefill(model, tokens, lengths, 64, 8)
   b_logits, b_cache = prefill(model, tokens, lengths, 64, 32)
-  np.testing.assert_allclose(a_logits, b_logits, atol=1e-5)
-  np.testing.assert_allclose(a_cache.latent, b_cache.latent, atol=1e-5)
+  for chunk in (8, 2):  # 4 unrolled causal chunks; 16 chunks through lax.map
+    a_logits, a_cache = prefill(model, tokens, lengths, 64, chunk)
+    np.testing.assert_allclose(a_logits, b_logits, atol=1e-5)
+    np.testing.assert_allclose(a_cache.latent, b_cache.latent, atol=1e-5)
   full = _forward(model, tokens)
   np.testing.assert_allclose(a_logits, full[jnp.arange(2), lengths - 1], atol=1e-4)
 

@@ -149,6 +149,6 @@ def test_absorbed_equals_expanded():
   c, k_rope = attn.latents(x, pos)
   mask = jnp.tril(jnp.ones((s, s), bool))[None].repeat(b, 0)
   expanded = attn.attend_expanded(q_nope, q_rope, c, k_rope, mask)
-  absorbed = attn.attend_absorbed(q_nope, q_rope, c, k_rope, mask)
+  absorbed = attn.attend_absorbed(q_nope, q_rope, jnp.concatenate([c, k_rope], -1), mask)
   assert float(jnp.abs(expanded).max()) > 0.1
   np.testing.assert_allclose(absorbed, expanded, atol=1e-5)

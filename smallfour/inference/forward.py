@@ -48,7 +48,6 @@ def decode_step(model: Transformer, tokens: jax.Array, cache: LatentCache,
   write the cache nor advance. Returns (logits [B, V], the updated cache).
   """
   b, t = cache.batch, cache.max_len
-  rank = model.cfg.kv_lora_rank
   positions = cache.lengths[:, None]  # [B, 1]
   h = model.embed(jnp.where(active, tokens, 0)[:, None])  # finished rows feed a dummy id
   pos = model.positions(positions, h.dtype)
@@ -62,9 +61,7 @@ def decode_step(model: Transformer, tokens: jax.Array, cache: LatentCache,
     c, k_rope = layer.attn.latents(a, pos)
     new = jnp.concatenate([c, k_rope], axis=-1)[:, 0].astype(latent.dtype)  # [B, R + Dr]
     latent = latent.at[i, rows, write_at].set(new, mode="drop")
-    layer_cache = latent[i]  # [B, T, R + Dr]
-    h = h + layer.attn.attend_absorbed(q_nope, q_rope, layer_cache[..., :rank],
-                                       layer_cache[..., rank:], mask)
+    h = h + layer.attn.attend_absorbed(q_nope, q_rope, latent[i], mask)
     h = h + layer.ffn(layer.post_attn_norm(h))
   lengths = cache.lengths + active.astype(jnp.int32)
   return model.logits(h)[:, 0], LatentCache(latent, lengths)

@@ -21,6 +21,7 @@ from smallfour.nn.norm import RMSNorm
 from smallfour.nn.rope import PositionEncoding, apply_rope
 
 _F32 = jnp.float32
+UNROLL_CHUNKS = 8  # prefill chunks unrolled (causal block skipping) before lax.map
 
 
 class MLA(nnx.Module):
@@ -82,6 +83,9 @@ class MLA(nnx.Module):
 
     Keys/values are expanded once ([B, T, H, Dn + Dv]); each chunk of `chunk` queries
     attends to every key at a position ≤ its own (keys at index t have position t).
+    Up to UNROLL_CHUNKS chunks are unrolled and chunk i reads only keys [0, (i+1)·chunk),
+    skipping the causally masked blocks (~40% less work at 4 chunks); longer prompts map
+    one compiled chunk over all keys.
     q_pos: [B, S] query positions; k_valid: [B, T] bool; S must be a multiple of `chunk`.
     """
     b, s = q_pos.shape
@@ -90,13 +94,18 @@ class MLA(nnx.Module):
     k_nope, v = self.expand(c)
     k_pos = jnp.arange(c.shape[1])
 
-    def one_chunk(args):
-      qn, qr, qp = args  # [B, chunk, H, Dn], [B, chunk, H, Dr], [B, chunk]
-      mask = (k_pos[None, None, :] <= qp[:, :, None]) & k_valid[:, None, :]
-      return self._attend(qn, qr, k_nope, k_rope, v, mask)
+    def one_chunk(qn, qr, qp, end):
+      mask = (k_pos[None, None, :end] <= qp[:, :, None]) & k_valid[:, None, :end]
+      return self._attend(qn, qr, k_nope[:, :end], k_rope[:, :end], v[:, :end], mask)
 
+    if s // chunk <= UNROLL_CHUNKS and c.shape[1] == s:
+      out = jnp.concatenate([
+          one_chunk(q_nope[:, i:i + chunk], q_rope[:, i:i + chunk], q_pos[:, i:i + chunk],
+                    i + chunk) for i in range(0, s, chunk)], axis=1)
+      return self.project_out(out)
     split = lambda x: jnp.moveaxis(x.reshape(b, s // chunk, chunk, *x.shape[2:]), 1, 0)  # noqa
-    out = jax.lax.map(one_chunk, (split(q_nope), split(q_rope), split(q_pos)))
+    out = jax.lax.map(lambda a: one_chunk(*a, c.shape[1]),
+                      (split(q_nope), split(q_rope), split(q_pos)))
     return self.project_out(jnp.moveaxis(out, 0, 1).reshape(b, s, *out.shape[3:]))
 
   def expand(self, c: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -109,26 +118,37 @@ class MLA(nnx.Module):
     return jnp.einsum("bshv,hvd->bsd", o, self.o_proj[...])
 
   def _attend(self, q_nope, q_rope, k_nope, k_rope, v, mask) -> jax.Array:
-    """Scores in float32, probabilities cast to the value dtype: [B, S, H, Dv]."""
-    scores = (jnp.einsum("bshn,bthn->bhst", q_nope, k_nope, preferred_element_type=_F32)
-              + jnp.einsum("bshr,btr->bhst", q_rope, k_rope, preferred_element_type=_F32))
+    """Scores in float32, probabilities cast to the value dtype: [B, S, H, Dv].
+
+    One einsum over [nope | rope] (the shared rope key broadcast to every head): on
+    XLA:CPU two einsums and a sum of their [B, H, S, T] outputs take twice as long.
+    """
+    q = jnp.concatenate([q_nope, q_rope], axis=-1)
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :],
+                                                   (*k_nope.shape[:3], k_rope.shape[-1]))], -1)
+    scores = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=_F32)
     probs = _masked_softmax(scores * self.softmax_scale, mask).astype(v.dtype)
     return jnp.einsum("bhst,bthv->bshv", probs, v)
 
-  def attend_absorbed(self, q_nope: jax.Array, q_rope: jax.Array, c: jax.Array,
-                      k_rope: jax.Array, mask: jax.Array) -> jax.Array:
-    """Attends over the latent without expanding it (spec §2.7); same arguments as above.
+  def attend_absorbed(self, q_nope: jax.Array, q_rope: jax.Array, latent: jax.Array,
+                      mask: jax.Array) -> jax.Array:
+    """Attends over the latent without expanding it (spec §2.7).
 
-    Scores use q̃ = W_UKᵀ q_nope against c; values are c, lifted by W_UV after the sum.
-    The latent products run in float32 so decode stays close to the expanded form.
+    q_nope: [B, S, H, Dn], q_rope: [B, S, H, Dr], latent: [B, T, R + Dr] = [c | k_rope]
+    as the cache stores it, mask: [B, S, T] bool -> [B, S, D].
+    Scores are [q̃ | q_rope] · [c | k_rope] with q̃ = W_UKᵀ q_nope, in one einsum
+    straight off the cache; values are c, lifted by W_UV after the sum. The latent
+    products run in float32 so decode stays close to the expanded form.
     """
     q_latent = jnp.einsum("bshn,rhn->bshr", q_nope, self.k_up[...], preferred_element_type=_F32)
-    scores = (jnp.einsum("bshr,btr->bhst", q_latent, c.astype(_F32))
-              + jnp.einsum("bshk,btk->bhst", q_rope, k_rope, preferred_element_type=_F32))
+    q = jnp.concatenate([q_latent, q_rope.astype(_F32)], axis=-1)
+    latent32 = latent.astype(_F32)
+    scores = jnp.einsum("bshk,btk->bhst", q, latent32)
     probs = _masked_softmax(scores * self.softmax_scale, mask)
-    out_latent = jnp.einsum("bhst,btr->bshr", probs, c.astype(_F32))
+    # Summing the whole [c | k_rope] rows and dropping k_rope after reads the cache once.
+    out_latent = jnp.einsum("bhst,btk->bshk", probs, latent32)[..., :self.latent_dim]
     out = jnp.einsum("bshr,rhv->bshv", out_latent, self.v_up[...].astype(_F32))
-    return self.project_out(out.astype(c.dtype))
+    return self.project_out(out.astype(latent.dtype))
 
 
 def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
