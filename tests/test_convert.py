@@ -1,8 +1,6 @@
 """Converter round trips: released layouts -> orbax -> restore -> transformers' logits."""
 
 import json
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +11,6 @@ from flax import nnx
 
 from smallfour.checkpoint import convert as convert_lib
 from smallfour.checkpoint import restore as restore_lib
-from smallfour.checkpoint.assemble import CheckpointError
 from smallfour import sharding
 from tests import checkpoints, oracle
 

@@ -1,13 +1,11 @@
 """Bad converter input: each error names its culprit and leaves no checkpoint behind."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
-import ml_dtypes
 import numpy as np
 import pytest
 

@@ -1,6 +1,5 @@
 """Per-module checks against transformers' Mistral4 pieces, to localise a mismatch."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

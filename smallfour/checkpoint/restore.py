@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
 
 from smallfour import config as config_lib
@@ -20,8 +21,6 @@ from smallfour.checkpoint import tree
 from smallfour.checkpoint.assemble import CheckpointError
 from smallfour.checkpoint.convert import PARAMS_DIR, STAGING_SUFFIX
 from smallfour.nn.decoder import Transformer
-
-import orbax.checkpoint.experimental.v1 as ocp
 
 
 def read_metadata(ckpt_dir: str) -> dict[str, Any]:

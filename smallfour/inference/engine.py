@@ -8,7 +8,6 @@ are padded to power-of-two buckets, so a handful of prefill shapes compile.
 
 from __future__ import annotations
 
-import functools
 from typing import Iterator, Sequence
 
 import jax
