@@ -43,8 +43,7 @@ DTYPES = ("bfloat16", "float32")
 SAVE_CHUNK_BYTES = 64 * 2**20
 
 
-def _group_bytes(group: list[TensorMap], abstract: nnx.State) -> int:
-  flat = dict(nnx.to_flat_state(abstract))
+def _group_bytes(group: list[TensorMap], flat: dict[Path, Any]) -> int:
   return sum(flat[p].size * np.dtype(flat[p].dtype).itemsize for p in {m.path for m in group})
 
 
@@ -100,7 +99,8 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
   # Random-looking weights do not compress; zstd would only cost time.
   ctx = ocp.Context()
   ctx.array.saving.use_compression = False
-  bar = tqdm(total=sum(_group_bytes(g, abstract) for g in ckpt.maps), unit="B",
+  flat = dict(nnx.to_flat_state(abstract))
+  bar = tqdm(total=sum(_group_bytes(g, flat) for g in ckpt.maps), unit="B",
              unit_scale=True, desc="convert", disable=not progress)
   pending = None  # orbax writes one chunk in the background while the next is built
   with ctx:
