@@ -2,9 +2,12 @@
 
   python launch/generate.py --config=tiny --prompt_ids=1,2,3 --max_new_tokens=16
   python launch/generate.py --ckpt=/data/small4-bf16 --prompt_ids=1,1784,3 --temperature=0.7
+  python launch/generate.py --ckpt=/data/small4-bf16 --mesh=data:1,expert:8,tensor:1 ...
 
 Tokens are streamed to the terminal as they are produced; `--output_json` writes
-{"token_ids": [...]} (prompt excluded).
+{"token_ids": [...]} (prompt excluded). With several processes (launch/multihost/, or
+--coordinator_address/--num_processes/--process_id), every process runs this same
+command on its share of the mesh and only process 0 prints and writes.
 """
 
 import json
@@ -17,7 +20,7 @@ from absl import app, flags
 from flax import nnx
 
 import configs
-from smallfour import sharding
+from smallfour import distributed, sharding
 from smallfour.checkpoint import restore
 from smallfour.checkpoint.assemble import CheckpointError
 from smallfour.config import ConfigError
@@ -34,38 +37,52 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1].")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (and weight seed for --config).")
 _MAX_LEN = flags.DEFINE_integer("max_len", 4096, "Cache length per sequence (prompt + output).")
-_MESH = flags.DEFINE_string("mesh", "data:1,expert:1,tensor:1", "Device mesh axis sizes.")
+_MESH = flags.DEFINE_string("mesh", "data:1,expert:1,tensor:1",
+                            "Device mesh axis sizes over all processes' devices.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for multi-process runs "
+                                   "(default: auto-detect SLURM / MPI / TPU pods).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype; default the checkpoint's stored dtype.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write {'token_ids': [...]} here.")
 
 
-def _parse_mesh(spec: str) -> dict[str, int]:
+def _mesh(cfg) -> jax.sharding.Mesh | None:
+  """The --mesh over all devices of all processes; None for one device."""
   try:
-    sizes = sharding.parse_mesh(spec)
+    sizes = sharding.parse_mesh(_MESH.value)
+    mesh = sharding.make_mesh(sizes, cfg)
   except sharding.MeshError as e:
     raise app.UsageError(str(e)) from None
-  if sizes["data"] * sizes["expert"] * sizes["tensor"] != 1:
-    raise app.UsageError(f"--mesh={spec!r}: only a single-device mesh is supported so far")
-  return sizes
+  return None if mesh.size == 1 else mesh
 
 
-def _load_model() -> Transformer:
+def _load_model() -> tuple[Transformer, jax.sharding.Mesh | None]:
   if (_CKPT.value is None) == (_CONFIG.value is None):
     raise app.UsageError("give exactly one of --ckpt and --config")
   try:
     if _CKPT.value:
-      return restore.restore_model(_CKPT.value, dtype=_DTYPE.value)
+      cfg = restore.read_config(_CKPT.value)
+      mesh = _mesh(cfg)
+      return restore.restore_model(_CKPT.value, mesh=mesh, dtype=_DTYPE.value), mesh
     cfg = configs.resolve(_CONFIG.value)
   except (CheckpointError, ConfigError) as e:
     raise app.UsageError(str(e)) from None
   dtype = jnp.dtype(_DTYPE.value or "float32")
-  return Transformer(cfg, rngs=nnx.Rngs(_SEED.value), param_dtype=dtype)
+  make = lambda: Transformer(cfg, rngs=nnx.Rngs(_SEED.value), param_dtype=dtype)  # noqa: E731
+  mesh = _mesh(cfg)
+  return (make() if mesh is None else sharding.init_sharded(make, mesh)), mesh
 
 
 def main(argv):
   del argv
-  _parse_mesh(_MESH.value)
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except distributed.DistributedError as e:
+    raise app.UsageError(str(e)) from None
+  leader = distributed.is_leader()
   if not _PROMPT_IDS.value:
     raise app.UsageError("--prompt_ids is required (text and chat input arrive later)")
   try:
@@ -73,8 +90,8 @@ def main(argv):
     sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   except ValueError as e:
     raise app.UsageError(f"bad sampling or prompt flag: {e}") from None
-  model = _load_model()
-  engine = Engine(model, max_len=_MAX_LEN.value)
+  model, mesh = _load_model()
+  engine = Engine(model, max_len=_MAX_LEN.value, mesh=mesh)
   start = time.perf_counter()
   generated = []
   try:
@@ -82,12 +99,17 @@ def main(argv):
       if step[0] is None:
         break
       generated.append(step[0])
-      print(step[0], end=" ", flush=True)
+      if leader:
+        print(step[0], end=" ", flush=True)
   except RequestError as e:
     raise app.UsageError(str(e)) from None
   seconds = time.perf_counter() - start
+  if not leader:
+    return
+  where = f"mesh {dict(mesh.shape)}" if mesh is not None else "1 device"
   print(f"\n[{len(generated)} tokens in {seconds:.2f} s incl. compilation, "
-        f"backend {jax.default_backend()}]", file=sys.stderr)
+        f"backend {jax.default_backend()}, {where}, {jax.process_count()} process(es)]",
+        file=sys.stderr)
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump({"token_ids": generated, "prompt_ids": prompt}, f)

@@ -9,18 +9,20 @@ MLP widths (spec: DESIGN.md, Sharding).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES: tuple[str, ...] = ("data", "expert", "tensor")
 
 # logical axis name -> mesh axis (or tuple of mesh axes, or None for replicated).
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    # activations
+    # activations and the latent cache
     ("batch", ("data", "expert")),
     ("length", None),
+    ("layers", None),
     # embeddings and head
     ("vocab", "tensor"),
     ("embed", None),
@@ -42,6 +44,43 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 LOGICAL_AXIS_NAMES: frozenset[str] = frozenset(name for name, _ in LOGICAL_AXIS_RULES)
+_RULES: dict[str, Any] = dict(LOGICAL_AXIS_RULES)
+
+
+def logical_spec(names: Sequence[str], shape: Sequence[int] | None = None,
+                 mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> P:
+  """The `PartitionSpec` the rule table gives an array with these logical axis names.
+
+  With `shape` and `mesh`, a mesh axis that does not divide its dimension (what is left of
+  it) is dropped, i.e. that part is replicated: a batch of 1 stays whole on a (data 2,
+  expert 4) mesh instead of failing. Parameters never need this (the mesh builder checks
+  their divisibility); activations and caches with small batches do.
+  """
+  entries = []
+  for i, name in enumerate(names):
+    if name not in _RULES:
+      raise ValueError(f"logical axis {name!r} is not in sharding.LOGICAL_AXIS_RULES")
+    axes = _RULES[name]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    if shape is not None and mesh is not None:
+      kept, size = [], shape[i]
+      for axis in axes:
+        if mesh.shape[axis] > 1 and size % mesh.shape[axis] == 0:
+          kept.append(axis)
+          size //= mesh.shape[axis]
+      axes = tuple(kept)
+    entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*entries)
+
+
+def logical_sharding(names: Sequence[str], shape: Sequence[int],
+                     mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  """`logical_spec` on `mesh`, as a `NamedSharding` for an array of `shape`."""
+  return jax.sharding.NamedSharding(mesh, logical_spec(names, shape, mesh))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(mesh, P())
 
 
 def partition_specs(state: nnx.State) -> nnx.State:
@@ -72,9 +111,14 @@ def parse_mesh(spec: str) -> dict[str, int]:
 
 
 def make_mesh(sizes: dict[str, int], cfg=None, devices=None,
-              axis_type: jax.sharding.AxisType = jax.sharding.AxisType.Explicit
+              axis_type: jax.sharding.AxisType = jax.sharding.AxisType.Auto
               ) -> jax.sharding.Mesh:
-  """A (data, expert, tensor) mesh, validated against the devices and the model config."""
+  """A (data, expert, tensor) mesh, validated against the devices and the model config.
+
+  Axes are `Auto` by default: parameters, cache and inputs are placed explicitly by the
+  rule table and the compiler propagates the rest; the MoE states its own layout with
+  `shard_map`. (`Explicit` axes would need an `out_sharding` on every ambiguous op.)
+  """
   devices = jax.devices() if devices is None else devices
   shape = tuple(sizes[a] for a in MESH_AXES)
   need = shape[0] * shape[1] * shape[2]
@@ -88,3 +132,24 @@ def make_mesh(sizes: dict[str, int], cfg=None, devices=None,
       raise MeshError(f"{cfg.num_heads} heads are not divisible by the tensor axis "
                       f"({sizes['tensor']})")
   return jax.make_mesh(shape, MESH_AXES, devices=devices[:need], axis_types=(axis_type,) * 3)
+
+
+def init_sharded(make: Callable[[], nnx.Module], mesh: jax.sharding.Mesh) -> nnx.Module:
+  """Builds `make()` with every parameter created directly in its shard on `mesh`.
+
+  The constructor runs under `jit` with the rule table's output shardings, so no device
+  ever holds a whole model (random-weight presets of any size). Random values equal an
+  unsharded construction (jax's partitionable threefry).
+  """
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
+  out = named_shardings(abstract_state, mesh)
+  with jax.set_mesh(mesh):
+    state = jax.jit(lambda: nnx.split(make())[1], out_shardings=out)()
+  return nnx.merge(graphdef, state)
+
+
+def place(module: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
+  """Moves an existing module's parameters onto `mesh` by the rule table (in place)."""
+  state = nnx.state(module)
+  nnx.update(module, jax.device_put(state, named_shardings(state, mesh)))
+  return module

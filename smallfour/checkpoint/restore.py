@@ -34,6 +34,11 @@ def read_metadata(ckpt_dir: str) -> dict[str, Any]:
     return json.load(f)
 
 
+def read_config(ckpt_dir: str) -> config_lib.TextConfig:
+  """The model config a converted checkpoint holds."""
+  return config_lib.TextConfig.from_dict(read_metadata(ckpt_dir)["text"])
+
+
 def restore_model(ckpt_dir: str, mesh: jax.sharding.Mesh | None = None,
                   dtype: str | None = None) -> Transformer:
   """Builds the model abstractly and fills it from `ckpt_dir`.

@@ -4,6 +4,11 @@ The jit boundary is functional: the model is split once into (graphdef, state) a
 every compiled function takes the state as an argument and merges inside, so weights
 are never baked into executables. The cache is donated to every step. Prompt lengths
 are padded to power-of-two buckets, so a handful of prefill shapes compile.
+
+On a mesh, parameters stay where the rule table put them, the cache is split by the
+table (`batch` over data×expert when the batch divides), every host-bound result
+(tokens, logits, flags) is replicated so each process can read it, and everything is
+traced under `jax.set_mesh` so the MoE runs expert-parallel.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from smallfour import sharding
 from smallfour.inference import cache as cache_lib
 from smallfour.inference import forward
 from smallfour.inference.cache import LatentCache
@@ -23,6 +29,7 @@ from smallfour.nn.decoder import Transformer
 
 MIN_BUCKET = 16
 PAD = -1  # marks "no token" in generated outputs
+CACHE_AXES = ("layers", "batch", "length", "kv_lora_rope")  # LatentCache.latent
 
 
 class RequestError(ValueError):
@@ -32,24 +39,34 @@ class RequestError(ValueError):
 class Engine:
   """Generates from one model with a latent cache of `max_len` tokens per sequence."""
 
-  def __init__(self, model: Transformer, *, max_len: int, prefill_chunk: int = 256):
+  def __init__(self, model: Transformer, *, max_len: int, prefill_chunk: int = 256,
+               mesh: jax.sharding.Mesh | None = None):
+    """`mesh`: where the model's parameters live (`sharding.place`/`init_sharded`/
+    `restore_model(mesh=...)`); None for a single device."""
     self.cfg = model.cfg
     self.max_len = max_len
     self.prefill_chunk = prefill_chunk
+    self.mesh = mesh
     self.graphdef, self.state = nnx.split(model)
+    if mesh is not None:  # a no-op when the parameters already sit by the rule table
+      self.state = jax.device_put(self.state, sharding.named_shardings(self.state, mesh))
     self.dtype = model.embedder[...].dtype
-    self._prefill = jax.jit(self._prefill_impl, static_argnames=("chunk",))
-    self._insert = jax.jit(cache_lib.insert, donate_argnums=0)
-    self._first = jax.jit(self._first_impl, static_argnames=("sampling", "max_new_tokens"))
-    self._step = jax.jit(self._step_impl, static_argnames=("sampling",),
-                         donate_argnames=("cache",))
-    self._loop = jax.jit(self._loop_impl, static_argnames=("sampling", "max_new_tokens"),
-                         donate_argnames=("cache",))
+    self._prefill = self._jit(self._prefill_impl, static_argnames=("chunk",))
+    self._zeros = self._jit(self._zeros_impl, static_argnames=("batch",))
+    self._insert = self._jit(self._insert_impl, donate_argnums=0)
+    self._first = self._jit(self._first_impl, static_argnames=("sampling", "max_new_tokens"))
+    self._step = self._jit(self._step_impl, static_argnames=("sampling",),
+                           donate_argnames=("cache",))
+    self._loop = self._jit(self._loop_impl, static_argnames=("sampling", "max_new_tokens"),
+                           donate_argnames=("cache",))
 
   # ------------------------------------------------------------------ public API
 
-  def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+  def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+               seed: int = 0) -> None:
     """Raises RequestError naming the offending prompt; nothing is computed."""
+    if not 0 <= seed < 2**32:
+      raise RequestError(f"seed must be in [0, 2**32), got {seed}")
     if not prompts:
       raise RequestError("no prompts given")
     if max_new_tokens < 1:
@@ -70,12 +87,12 @@ class Engine:
     tokens = np.zeros((1, s), np.int32)
     tokens[0, :len(prompt)] = prompt
     chunk = self.prefill_chunk if s % self.prefill_chunk == 0 else s
-    return self._prefill(self.state, jnp.asarray(tokens),
-                         jnp.asarray([len(prompt)], jnp.int32), chunk=chunk)
+    return self._prefill(self.state, self._put(tokens),
+                         self._put(np.asarray([len(prompt)], np.int32)), chunk=chunk)
 
   def start(self, prompts: Sequence[Sequence[int]]) -> tuple[jax.Array, LatentCache]:
     """Prefills every prompt and inserts it into its batch slot -> (logits [B, V], cache)."""
-    cache = LatentCache.zeros(self.cfg, len(prompts), self.max_len, self.dtype)
+    cache = self._zeros(batch=len(prompts))
     logits = []
     for slot, prompt in enumerate(prompts):
       row_logits, one = self.prefill(prompt)
@@ -90,10 +107,10 @@ class Engine:
     A sequence stops at EOS (kept in its output), at `max_new_tokens`, or when its cache
     is full. Returns the generated ids per prompt (prompt excluded).
     """
-    self.validate(prompts, max_new_tokens)
+    self.validate(prompts, max_new_tokens, seed)
     logits, cache = self.start(prompts)
-    state = self._first(logits, cache.lengths, jax.random.key(seed), sampling=sampling,
-                        max_new_tokens=max_new_tokens)
+    state = self._first(logits, cache.lengths, self._put(np.uint32(seed)),
+                        sampling=sampling, max_new_tokens=max_new_tokens)
     out, _ = self._loop(self.state, cache, *state, sampling=sampling,
                         max_new_tokens=max_new_tokens)
     return _trim(np.asarray(out))
@@ -102,9 +119,10 @@ class Engine:
              sampling: Sampling = Sampling(), seed: int = 0) -> Iterator[list[int | None]]:
     """The same generation one step at a time: yields each step's token per prompt
     (None once a prompt has stopped). Equal, token for token, to `generate`."""
-    self.validate(prompts, max_new_tokens)
+    self.validate(prompts, max_new_tokens, seed)
     logits, cache = self.start(prompts)
-    tokens, out, done, key = self._first(logits, cache.lengths, jax.random.key(seed),
+    tokens, out, done, key = self._first(logits, cache.lengths,
+                                         self._put(np.uint32(seed)),
                                          sampling=sampling, max_new_tokens=max_new_tokens)
     yield [int(t) for t in np.asarray(out[:, 0])]
     for i in range(1, max_new_tokens):
@@ -119,21 +137,66 @@ class Engine:
     """The padded prefill length: the next power of two ≥ 16, capped at max_len."""
     return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), self.max_len)
 
+  # ------------------------------------------------------------ mesh plumbing
+
+  def _jit(self, fn, **kwargs):
+    """`jax.jit(fn)`, called (and so traced) under this engine's mesh."""
+    compiled = jax.jit(fn, **kwargs)
+    if self.mesh is None:
+      return compiled
+
+    def on_mesh(*args, **kw):
+      with jax.set_mesh(self.mesh):
+        return compiled(*args, **kw)
+
+    return on_mesh
+
+  def _put(self, value):
+    """A host value as a (replicated) input: every process passes the same one."""
+    if self.mesh is None:
+      return jnp.asarray(value)
+    # Not device_put: on several processes the mesh's devices are not all addressable.
+    value = np.asarray(value)
+    return jax.make_array_from_process_local_data(sharding.replicated(self.mesh), value,
+                                                  value.shape)
+
+  def _replicated(self, *values):
+    """Constrains results the host reads to be whole on every device (multi-host safe)."""
+    if self.mesh is None:
+      return values
+    return tuple(jax.lax.with_sharding_constraint(v, sharding.replicated(self.mesh))
+                 for v in values)
+
+  def _placed(self, cache: LatentCache) -> LatentCache:
+    """The cache laid out by the rule table (its batch split when it divides the mesh)."""
+    if self.mesh is None:
+      return cache
+    latent = jax.lax.with_sharding_constraint(
+        cache.latent, sharding.logical_sharding(CACHE_AXES, cache.latent.shape, self.mesh))
+    return LatentCache(latent, *self._replicated(cache.lengths))
+
   # ------------------------------------------------------------- compiled parts
 
   def _model(self, state) -> Transformer:
     return nnx.merge(self.graphdef, state)
 
   def _prefill_impl(self, state, tokens, lengths, *, chunk):
-    return forward.prefill(self._model(state), tokens, lengths, self.max_len, chunk)
+    logits, cache = forward.prefill(self._model(state), tokens, lengths, self.max_len, chunk)
+    return *self._replicated(logits), self._placed(cache)
 
-  def _first_impl(self, logits, lengths, key, *, sampling, max_new_tokens):
+  def _zeros_impl(self, *, batch):
+    return self._placed(LatentCache.zeros(self.cfg, batch, self.max_len, self.dtype))
+
+  def _insert_impl(self, batch_cache, one, slot):
+    return self._placed(cache_lib.insert(batch_cache, one, slot))
+
+  def _first_impl(self, logits, lengths, seed, *, sampling, max_new_tokens):
     """Samples the first token from the prefill logits; sets up the loop state."""
-    key, sub = jax.random.split(key)
+    key, sub = jax.random.split(jax.random.key(seed))
     tokens = sample(logits, sub, sampling)
     out = jnp.full((logits.shape[0], max_new_tokens), PAD, jnp.int32).at[:, 0].set(tokens)
     done = self._stops(tokens, lengths)
-    return tokens, out, done, key
+    return self._replicated(tokens, out, done, key)
 
   def _stops(self, tokens, lengths):
     """EOS was produced, or the cache has no room to feed the token back."""
@@ -145,7 +208,8 @@ class Engine:
     logits, cache = forward.decode_step(self._model(state), tokens, cache, ~done)
     key, sub = jax.random.split(key)
     nxt = jnp.where(done, PAD, sample(logits, sub, sampling))
-    return nxt, cache, done | self._stops(nxt, cache.lengths), key
+    nxt, done, key = self._replicated(nxt, done | self._stops(nxt, cache.lengths), key)
+    return nxt, self._placed(cache), done, key
 
   def _loop_impl(self, state, cache, tokens, out, done, key, *, sampling, max_new_tokens):
     def cond(carry):
@@ -160,7 +224,7 @@ class Engine:
 
     carry = (jnp.int32(1), cache, tokens, out, done, key)
     _, cache, _, out, _, _ = jax.lax.while_loop(cond, body, carry)
-    return out, cache  # returning the cache lets XLA reuse the donated buffer
+    return *self._replicated(out), self._placed(cache)  # returning the cache lets XLA reuse the donated buffer
 
 
 def _trim(out: np.ndarray) -> list[list[int]]:

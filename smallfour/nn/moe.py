@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from smallfour.config import TextConfig
-from smallfour.nn import moe_kernels, params
+from smallfour.nn import expert_parallel, moe_kernels, params
 
 _F32 = jnp.float32
 
@@ -118,19 +118,48 @@ KERNELS: dict[str, MoeKernel] = {
 }
 
 
+IMPLS = ("auto", "expert_parallel", *KERNELS)
+
+
+def _mesh() -> jax.sharding.AbstractMesh | None:
+  """The mesh set with `jax.set_mesh` (None when absent or a single device)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or mesh.size == 1 else mesh
+
+
 def routed_experts(experts: RoutedExperts, x: jax.Array, weights: jax.Array, ids: jax.Array,
                    impl: str = "auto") -> jax.Array:
-  """The routed expert sum `Σ_k w_k · expert_{id_k}(x)` with the kernel named `impl`.
+  """The routed expert sum `Σ_k w_k · expert_{id_k}(x)` with the implementation `impl`.
 
-  "auto" picks by backend and token count (`moe_kernels.select_kernel`); the choice is
-  static, made at trace time from x's static shape.
+  "auto": expert-parallel under a multi-device mesh (`jax.set_mesh`), else the local
+  kernel `moe_kernels.select_kernel` picks by backend and token count. "expert_parallel"
+  forces the shard_map path (with the auto local kernel); a kernel name runs that kernel
+  on the whole (possibly sharded) arrays and leaves partitioning to the compiler. All
+  choices are static, made at trace time.
   x: [N, D], weights/ids: [N, K] -> [N, D].
   """
+  if impl not in IMPLS:
+    raise ValueError(f"unknown MoE implementation {impl!r}; known: {sorted(IMPLS)}")
+  mesh = _mesh()
   if impl == "auto":
-    impl = moe_kernels.select_kernel(x.shape[0], jax.default_backend())
-  if impl not in KERNELS:
-    raise ValueError(f"unknown MoE implementation {impl!r}; known: {sorted(KERNELS)}")
+    impl = ("expert_parallel" if mesh is not None
+            else moe_kernels.select_kernel(x.shape[0], jax.default_backend()))
+  if impl == "expert_parallel":
+    if mesh is None:
+      raise ValueError("the expert_parallel MoE needs a multi-device mesh (jax.set_mesh)")
+    return expert_parallel.routed_experts(
+        experts.gate_proj[...], experts.up_proj[...], experts.down_proj[...], x, weights,
+        ids, mesh=mesh)
   return KERNELS[impl](experts, x, weights, ids)
+
+
+def set_impl(model: nnx.Module, impl: str) -> None:
+  """Selects the routed-expert implementation of every MoE layer in `model`."""
+  if impl not in IMPLS:
+    raise ValueError(f"unknown MoE implementation {impl!r}; known: {sorted(IMPLS)}")
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, MoE):
+      module.impl = impl
 
 
 class MoE(nnx.Module):
@@ -142,12 +171,13 @@ class MoE(nnx.Module):
     self.shared_experts = (
         MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, rngs=rngs,
             param_dtype=param_dtype) if cfg.n_shared_experts else None)
+    self.impl = "auto"  # see routed_experts; change with set_impl
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, S, D] -> [B, S, D]."""
     flat = x.reshape(-1, x.shape[-1])
     weights, ids = self.router(flat)
-    out = routed_experts(self.experts, flat, weights, ids).reshape(x.shape)
+    out = routed_experts(self.experts, flat, weights, ids, self.impl).reshape(x.shape)
     if self.shared_experts is not None:
       out = out + self.shared_experts(x)
     return out

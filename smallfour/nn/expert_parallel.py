@@ -1,0 +1,79 @@
+"""Expert parallelism: the routed experts under `jax.shard_map` over the mesh (spec §3).
+
+Each device holds E/expert experts (and, with `tensor` > 1, a slice of their width F).
+Tokens arrive split over (data, expert) like every activation; inside the map
+
+  1. the rows of the data group are gathered over `expert` (all_gather), with their
+     routing weights and ids, so every expert shard sees every token it might serve;
+  2. each shard runs one exact local kernel of `moe_kernels` on its own experts: ids are
+     shifted into the local range and the ones it does not own fall outside it, so they
+     cost nothing (sorted_blocks skips them) and contribute zero;
+  3. the partial sums are added over `tensor` (F slices) and reduce-scattered back over
+     `expert` (psum_scatter), so every device ends with the full sum for its own rows.
+
+This is the all-gather form DESIGN.md chose because it runs on XLA:CPU (and so is tested
+here); `ragged_all_to_all` dispatch is a GPU/TPU-only refinement. Communication per
+layer: all_gather + reduce_scatter of [N/data, D] activations, weights never move.
+
+Names: N tokens, D hidden, E experts (global), K experts per token, F expert width.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from smallfour import sharding
+from smallfour.nn import moe_kernels
+
+ROW_AXES = ("data", "expert")  # the mesh axes `batch` resolves to in the rule table
+IN_WEIGHT_AXES = ("expert", "embed", "expert_mlp")  # gate/up [E, D, F]
+OUT_WEIGHT_AXES = ("expert", "expert_mlp", "embed")  # down [E, F, D]
+
+
+def routed_experts(gate: jax.Array, up: jax.Array, down: jax.Array, x: jax.Array,
+                   weights: jax.Array, ids: jax.Array, *,
+                   mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+                   kernel: str = "auto") -> jax.Array:
+  """`Σ_k w_k · expert_{id_k}(x)` with experts split over `mesh`'s expert axis.
+
+  gate/up: [E, D, F], down: [E, F, D] (global, sharded by the rule table);
+  x: [N, D]; weights/ids: [N, K]. `kernel` names the local kernel ("auto": by backend
+  and local row count). Returns [N, D] in x.dtype.
+  """
+  n, k = ids.shape
+  num_experts = gate.shape[0]
+  groups = mesh.shape[ROW_AXES[0]] * mesh.shape[ROW_AXES[1]]
+  pad = -n % groups
+  if pad:  # padding rows own no expert (id -1): no work, zero output, sliced off below
+    x = jnp.pad(x, ((0, pad), (0, 0)))
+    weights = jnp.pad(weights, ((0, pad), (0, 0)))
+    ids = jnp.pad(ids, ((0, pad), (0, 0)), constant_values=-1)
+  tokens = (n + pad) // mesh.shape["data"]  # gathered per shard: one data group's rows
+  if kernel == "auto":
+    kernel = moe_kernels.select_kernel(tokens, jax.default_backend())
+  local_kernel = moe_kernels.KERNELS[kernel]
+  if kernel == "sorted_blocks":  # blocks sized for the global expert count, as unsharded
+    local_kernel = functools.partial(
+        local_kernel, block_size=moe_kernels.default_block_size(tokens * k, num_experts))
+
+  def shard(gate, up, down, x, weights, ids):
+    x, weights, ids = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
+                       for a in (x, weights, ids))
+    first = jax.lax.axis_index("expert") * gate.shape[0]
+    out = local_kernel(gate, up, down, x, weights, ids - first)
+    out = jax.lax.psum(out, "tensor")
+    return jax.lax.psum_scatter(out, "expert", scatter_dimension=0, tiled=True)
+
+  row_spec = sharding.P(ROW_AXES, None)
+  in_spec = sharding.logical_spec(IN_WEIGHT_AXES)
+  out_spec = sharding.logical_spec(OUT_WEIGHT_AXES)
+  # check_vma=False: the local kernels' loop carries start as fresh zeros, which the
+  # varying-axes checker would make every kernel annotate; the collectives above state
+  # the replication explicitly instead.
+  out = jax.shard_map(shard, mesh=mesh,
+                      in_specs=(in_spec, in_spec, out_spec, row_spec, row_spec, row_spec),
+                      out_specs=row_spec, check_vma=False)(gate, up, down, x, weights, ids)
+  return out[:n]
