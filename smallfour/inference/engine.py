@@ -48,15 +48,17 @@ class Engine:
     self.prefill_chunk = prefill_chunk
     self.mesh = mesh
     self.graphdef, self.state = nnx.split(model)
-    if mesh is not None:  # a no-op when the parameters already sit by the rule table
+    abstract = any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(self.state))
+    if mesh is not None and not abstract:  # a no-op when already placed by the rule table
       self.state = jax.device_put(self.state, sharding.named_shardings(self.state, mesh))
-    self.dtype = model.embedder[...].dtype
+    self.dtype = model.embedder.get_value().dtype
     self._prefill = self._jit(self._prefill_impl, static_argnames=("chunk",))
     self._zeros = self._jit(self._zeros_impl, static_argnames=("batch",))
     self._insert = self._jit(self._insert_impl, donate_argnums=0)
     self._first = self._jit(self._first_impl, static_argnames=("sampling", "max_new_tokens"))
-    self._step = self._jit(self._step_impl, static_argnames=("sampling",),
-                           donate_argnames=("cache",))
+    self._step_jit = jax.jit(self._step_impl, static_argnames=("sampling",),
+                             donate_argnames=("cache",))
+    self._step = self._on_mesh(self._step_jit)
     self._loop = self._jit(self._loop_impl, static_argnames=("sampling", "max_new_tokens"),
                            donate_argnames=("cache",))
 
@@ -133,6 +135,33 @@ class Engine:
                                             sampling=sampling)
       yield [None if d else int(t) for t, d in zip(np.asarray(tokens), was_done)]
 
+  def lower_step(self, batch: int, sampling: Sampling = Sampling()) -> jax.stages.Lowered:
+    """The compiled decode step for `batch` sequences, lowered from abstract inputs.
+
+    Nothing is allocated: the model may be abstract (`nnx.eval_shape`), e.g. the 119B
+    release on a simulated mesh, to check that it partitions and what it needs per device
+    (`.compile().memory_analysis()`).
+    """
+    def spec(a, placement):
+      return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement)
+
+    whole = sharding.replicated(self.mesh) if self.mesh is not None else None
+    state = self.state
+    if self.mesh is not None:
+      state = jax.tree.map(spec, state, sharding.named_shardings(state, self.mesh))
+    width = self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim
+    shape = (self.cfg.num_layers, batch, self.max_len, width)
+    placed = (sharding.logical_sharding(CACHE_AXES, shape, self.mesh)
+              if self.mesh is not None else None)
+    cache = LatentCache(jax.ShapeDtypeStruct(shape, self.dtype, sharding=placed),
+                        jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=whole))
+    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=whole)
+    done = jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=whole)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=whole)
+    lower = self._on_mesh(self._step_jit.lower)
+    return lower(state, cache, tokens, done, key, sampling=sampling)
+
   def bucket(self, length: int) -> int:
     """The padded prefill length: the next power of two ≥ 16, capped at max_len."""
     return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), self.max_len)
@@ -141,13 +170,15 @@ class Engine:
 
   def _jit(self, fn, **kwargs):
     """`jax.jit(fn)`, called (and so traced) under this engine's mesh."""
-    compiled = jax.jit(fn, **kwargs)
+    return self._on_mesh(jax.jit(fn, **kwargs))
+
+  def _on_mesh(self, fn):
     if self.mesh is None:
-      return compiled
+      return fn
 
     def on_mesh(*args, **kw):
       with jax.set_mesh(self.mesh):
-        return compiled(*args, **kw)
+        return fn(*args, **kw)
 
     return on_mesh
 
