@@ -125,8 +125,9 @@ def _rss_bytes() -> int:
 
 
 def _child_convert(src: str, dst: str, queue) -> None:
-  from smallfour.checkpoint import convert as convert_lib  # noqa: PLC0415 (child-only import)
   import orbax.checkpoint.experimental.v1  # noqa: F401,PLC0415  (count imports in the baseline)
+
+  from smallfour.checkpoint import convert as convert_lib  # noqa: PLC0415 (child-only import)
   os.sync()
   baseline = _rss_bytes()
   start = time.perf_counter()
@@ -140,8 +141,9 @@ def _child_convert(src: str, dst: str, queue) -> None:
 
 def _layer_bytes(cfg: TextConfig) -> int:
   """Bytes of one converted (bfloat16) MoE decoder layer."""
-  from smallfour import summary  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
+
+  from smallfour import summary  # noqa: PLC0415
   flat = nnx.to_flat_state(summary.abstract_params(cfg))
   return sum(v.size * 2 for p, v in flat if p[:2] == ("layers", cfg.num_layers - 1))
 

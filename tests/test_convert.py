@@ -9,9 +9,9 @@ import pytest
 import torch
 from flax import nnx
 
+from smallfour import sharding
 from smallfour.checkpoint import convert as convert_lib
 from smallfour.checkpoint import restore as restore_lib
-from smallfour import sharding
 from tests import checkpoints, oracle
 
 TOKENS = np.random.default_rng(5).integers(0, 256, (2, 48))  # crosses original_max=32
