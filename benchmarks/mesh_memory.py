@@ -1,0 +1,98 @@
+"""Per-device memory of the 119B release on the meshes the README recommends, on paper.
+
+  python benchmarks/mesh_memory.py                 # table for every preset mesh
+  python benchmarks/mesh_memory.py --check_compile # also compile the 8-device decode step
+
+Parameter bytes per device come from the rule table's shardings of the abstract model
+(`shard_shape` of every parameter: nothing is allocated); the cache is
+L·(B/shards)·T·(R+Dr)·itemsize. `--check_compile` lowers and compiles the real decode step
+for (data 1, expert 8) on simulated CPU devices and prints XLA's memory analysis: its
+argument bytes must equal the table's weights + cache. (XLA:CPU's temp figure is not a
+GPU's: it widens bf16 operands to float32 in buffers of its own.)
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=64").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json  # noqa: E402
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import configs  # noqa: E402
+from smallfour import sharding, summary  # noqa: E402
+from smallfour.inference.engine import CACHE_AXES, Engine  # noqa: E402
+from smallfour.nn.decoder import Transformer  # noqa: E402
+
+_BATCH = flags.DEFINE_integer("batch", 8, "Sequences decoded together.")
+_CONTEXT = flags.DEFINE_integer("context", 32768, "Cache length per sequence.")
+_CHECK = flags.DEFINE_bool("check_compile", False, "Compile the 8-device step, compare.")
+_JSON = flags.DEFINE_string("json", None, "Also write the table here.")
+
+# name, mesh, memory per device (GB), how it is laid out
+MESHES = [
+    ("4x H100 80GB", "data:1,expert:4,tensor:1", 80),
+    ("8x H100 80GB", "data:1,expert:8,tensor:1", 80),
+    ("2 hosts x 8x H100", "data:2,expert:8,tensor:1", 80),
+    ("TPU v5p-16 (8 chips)", "data:1,expert:8,tensor:1", 95),
+    ("TPU v5p-32 (16 chips)", "data:1,expert:16,tensor:1", 95),
+]
+
+
+def param_bytes_per_device(cfg, mesh, dtype=jnp.bfloat16) -> int:
+  state = summary.abstract_params(cfg, dtype)
+  shardings = sharding.named_shardings(state, mesh)
+  total = 0
+  for (_, var), (_, s) in zip(nnx.to_flat_state(state), nnx.to_flat_state(shardings)):
+    total += int(np.prod(s.get_value().shard_shape(var.shape))) * jnp.dtype(dtype).itemsize
+  return total
+
+
+def cache_bytes_per_device(cfg, mesh, batch, context, dtype=jnp.bfloat16) -> int:
+  shape = (cfg.num_layers, batch, context, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+  spec = sharding.logical_sharding(CACHE_AXES, shape, mesh)
+  return int(np.prod(spec.shard_shape(shape))) * jnp.dtype(dtype).itemsize
+
+
+def main(argv):
+  del argv
+  cfg = configs.resolve("small4_119b")
+  rows = []
+  print(f"small4_119b, bf16 weights and cache, batch {_BATCH.value}, context {_CONTEXT.value}")
+  print(f"{'hardware':24} {'mesh':28} {'weights GB':>10} {'cache GB':>9} {'left GB':>8}")
+  for name, spec, hbm in MESHES:
+    mesh = sharding.make_mesh(sharding.parse_mesh(spec), cfg)
+    weights = param_bytes_per_device(cfg, mesh)
+    cache = cache_bytes_per_device(cfg, mesh, _BATCH.value, _CONTEXT.value)
+    left = hbm * 1e9 - weights - cache
+    rows.append(dict(hardware=name, mesh=spec, weights_gb=weights / 1e9, cache_gb=cache / 1e9,
+                     left_gb=left / 1e9))
+    print(f"{name:24} {spec:28} {weights / 1e9:10.1f} {cache / 1e9:9.2f} {left / 1e9:8.1f}")
+  if _CHECK.value:
+    mesh = sharding.make_mesh(sharding.parse_mesh("data:1,expert:8,tensor:1"), cfg)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0),
+                                               param_dtype=jnp.bfloat16))
+    engine = Engine(model, max_len=_CONTEXT.value, mesh=mesh)
+    stats = engine.lower_step(_BATCH.value).compile().memory_analysis()
+    want = (param_bytes_per_device(cfg, mesh) +
+            cache_bytes_per_device(cfg, mesh, _BATCH.value, _CONTEXT.value))
+    print(f"compiled (1,8,1) decode step: arguments {stats.argument_size_in_bytes / 1e9:.2f} GB "
+          f"(table: weights + cache {want / 1e9:.2f} GB; + tokens/flags/key), "
+          f"XLA:CPU temp {stats.temp_size_in_bytes / 1e9:.2f} GB")
+    rows.append(dict(check="data:1,expert:8,tensor:1",
+                     compiled_argument_gb=stats.argument_size_in_bytes / 1e9,
+                     table_gb=want / 1e9))
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
