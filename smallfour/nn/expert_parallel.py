@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from smallfour import sharding
 from smallfour.nn import moe_kernels
 
-ROW_AXES = ("data", "expert")  # the mesh axes `batch` resolves to in the rule table
+ROW_AXES = ("batch", "embed")  # x [N, D]: tokens split like every batch axis
 IN_WEIGHT_AXES = ("expert", "embed", "expert_mlp")  # gate/up [E, D, F]
 OUT_WEIGHT_AXES = ("expert", "expert_mlp", "embed")  # down [E, F, D]
 
@@ -45,13 +45,19 @@ def routed_experts(gate: jax.Array, up: jax.Array, down: jax.Array, x: jax.Array
   """
   n, k = ids.shape
   num_experts = gate.shape[0]
-  groups = mesh.shape[ROW_AXES[0]] * mesh.shape[ROW_AXES[1]]
+  row_spec = sharding.logical_spec(ROW_AXES)  # P(("data", "expert"), None) by the table
+  row_axes = (row_spec[0],) if isinstance(row_spec[0], str) else tuple(row_spec[0] or ())
+  if "expert" not in row_axes:
+    raise ValueError(f"the rule table must split `batch` over `expert` for this MoE: {row_spec}")
+  groups = 1
+  for axis in row_axes:
+    groups *= mesh.shape[axis]
   pad = -n % groups
   if pad:  # padding rows own no expert (id -1): no work, zero output, sliced off below
     x = jnp.pad(x, ((0, pad), (0, 0)))
     weights = jnp.pad(weights, ((0, pad), (0, 0)))
     ids = jnp.pad(ids, ((0, pad), (0, 0)), constant_values=-1)
-  tokens = (n + pad) // mesh.shape["data"]  # gathered per shard: one data group's rows
+  tokens = (n + pad) // (groups // mesh.shape["expert"])  # gathered per shard
   if kernel == "auto":
     kernel = moe_kernels.select_kernel(tokens, jax.default_backend())
   local_kernel = moe_kernels.KERNELS[kernel]
@@ -67,7 +73,6 @@ def routed_experts(gate: jax.Array, up: jax.Array, down: jax.Array, x: jax.Array
     out = jax.lax.psum(out, "tensor")
     return jax.lax.psum_scatter(out, "expert", scatter_dimension=0, tiled=True)
 
-  row_spec = sharding.P(ROW_AXES, None)
   in_spec = sharding.logical_spec(IN_WEIGHT_AXES)
   out_spec = sharding.logical_spec(OUT_WEIGHT_AXES)
   # check_vma=False: the local kernels' loop carries start as fresh zeros, which the
