@@ -89,6 +89,20 @@ def test_chunked_prefill_equals_unchunked(tiny):
   np.testing.assert_allclose(a_logits, full[jnp.arange(2), lengths - 1], atol=1e-4)
 
 
+def test_decode_window_equals_whole_cache(tiny):
+  """Attending over a window that holds every fed position changes nothing."""
+  cfg, model, _ = tiny
+  tokens = jnp.asarray([list(range(1, 33)), list(range(40, 72))])
+  lengths = jnp.asarray([32, 21])
+  _, cache = nnx.jit(forward.prefill, static_argnums=(3, 4))(model, tokens, lengths, 128, 32)
+  step = nnx.jit(forward.decode_step, static_argnums=4)
+  active = jnp.asarray([True, True])
+  whole, whole_cache = step(model, jnp.asarray([5, 6]), cache, active, None)
+  windowed, windowed_cache = step(model, jnp.asarray([5, 6]), cache, active, 48)
+  np.testing.assert_allclose(windowed, whole, atol=1e-5)
+  np.testing.assert_allclose(windowed_cache.latent, whole_cache.latent, atol=1e-5)
+
+
 def test_stops_at_eos_and_full_cache(tiny):
   cfg, model, engine = tiny
   free = engine.generate([PROMPTS[1]], 10)[0]

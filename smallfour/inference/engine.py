@@ -56,10 +56,11 @@ class Engine:
     self._zeros = self._jit(self._zeros_impl, static_argnames=("batch",))
     self._insert = self._jit(self._insert_impl, donate_argnums=0)
     self._first = self._jit(self._first_impl, static_argnames=("sampling", "max_new_tokens"))
-    self._step_jit = jax.jit(self._step_impl, static_argnames=("sampling",),
+    self._step_jit = jax.jit(self._step_impl, static_argnames=("sampling", "window"),
                              donate_argnames=("cache",))
     self._step = self._on_mesh(self._step_jit)
-    self._loop = self._jit(self._loop_impl, static_argnames=("sampling", "max_new_tokens"),
+    self._loop = self._jit(self._loop_impl,
+                           static_argnames=("sampling", "max_new_tokens", "window"),
                            donate_argnames=("cache",))
 
   # ------------------------------------------------------------------ public API
@@ -114,7 +115,8 @@ class Engine:
     state = self._first(logits, cache.lengths, self._put(np.uint32(seed)),
                         sampling=sampling, max_new_tokens=max_new_tokens)
     out, _ = self._loop(self.state, cache, *state, sampling=sampling,
-                        max_new_tokens=max_new_tokens)
+                        max_new_tokens=max_new_tokens,
+                        window=self.window(prompts, max_new_tokens))
     return _trim(np.asarray(out))
 
   def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -127,12 +129,13 @@ class Engine:
                                          self._put(np.uint32(seed)),
                                          sampling=sampling, max_new_tokens=max_new_tokens)
     yield [int(t) for t in np.asarray(out[:, 0])]
+    window = self.window(prompts, max_new_tokens)
     for i in range(1, max_new_tokens):
       if bool(jnp.all(done)):
         return
       was_done = np.asarray(done)
       tokens, cache, done, key = self._step(self.state, cache, tokens, done, key,
-                                            sampling=sampling)
+                                            sampling=sampling, window=window)
       yield [None if d else int(t) for t, d in zip(np.asarray(tokens), was_done)]
 
   def lower_step(self, batch: int, sampling: Sampling = Sampling()) -> jax.stages.Lowered:
@@ -161,6 +164,11 @@ class Engine:
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=whole)
     lower = self._on_mesh(self._step_jit.lower)
     return lower(state, cache, tokens, done, key, sampling=sampling)
+
+  def window(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
+    """Cache positions decode must attend over: every position this request can feed
+    (< longest prompt + max_new_tokens), bucketed so that few windows compile."""
+    return self.bucket(max(len(p) for p in prompts) + max_new_tokens)
 
   def bucket(self, length: int) -> int:
     """The padded prefill length: the next power of two ≥ 16, capped at max_len."""
@@ -234,15 +242,16 @@ class Engine:
     full = lengths >= self.max_len
     return full if self.cfg.eos_token_id is None else full | (tokens == self.cfg.eos_token_id)
 
-  def _step_impl(self, state, cache, tokens, done, key, *, sampling):
+  def _step_impl(self, state, cache, tokens, done, key, *, sampling, window=None):
     """Feeds `tokens` for rows not done and samples the next ones."""
-    logits, cache = forward.decode_step(self._model(state), tokens, cache, ~done)
+    logits, cache = forward.decode_step(self._model(state), tokens, cache, ~done, window)
     key, sub = jax.random.split(key)
     nxt = jnp.where(done, PAD, sample(logits, sub, sampling))
     nxt, done, key = self._replicated(nxt, done | self._stops(nxt, cache.lengths), key)
     return nxt, self._placed(cache), done, key
 
-  def _loop_impl(self, state, cache, tokens, out, done, key, *, sampling, max_new_tokens):
+  def _loop_impl(self, state, cache, tokens, out, done, key, *, sampling, max_new_tokens,
+                 window):
     def cond(carry):
       i, _, _, _, done, _ = carry
       return (i < max_new_tokens) & ~jnp.all(done)
@@ -250,7 +259,7 @@ class Engine:
     def body(carry):
       i, cache, tokens, out, done, key = carry
       tokens, cache, new_done, key = self._step_impl(state, cache, tokens, done, key,
-                                                     sampling=sampling)
+                                                     sampling=sampling, window=window)
       return i + 1, cache, tokens, out.at[:, i].set(tokens), new_done, key
 
     carry = (jnp.int32(1), cache, tokens, out, done, key)

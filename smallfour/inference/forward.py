@@ -41,18 +41,22 @@ def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, max_len: 
 
 
 def decode_step(model: Transformer, tokens: jax.Array, cache: LatentCache,
-                active: jax.Array) -> tuple[jax.Array, LatentCache]:
+                active: jax.Array, window: int | None = None) -> tuple[jax.Array, LatentCache]:
   """Feeds one token per sequence at position `cache.lengths` (absorbed MLA).
 
   tokens: [B]; active: [B] bool — inactive rows (finished, or with a full cache) neither
-  write the cache nor advance. Returns (logits [B, V], the updated cache).
+  write the cache nor advance. `window` (static, default the whole cache): attention reads
+  only the first `window` cache positions; the caller guarantees every position fed is
+  below it, so a short generation does not pay for a long cache.
+  Returns (logits [B, V], the updated cache).
   """
   b, t = cache.batch, cache.max_len
+  w = t if window is None else min(window, t)
   positions = cache.lengths[:, None]  # [B, 1]
   h = model.embed(jnp.where(active, tokens, 0)[:, None])  # finished rows feed a dummy id
   pos = model.positions(positions, h.dtype)
   write_at = jnp.where(active, cache.lengths, t)  # t is out of bounds: the write is dropped
-  mask = (jnp.arange(t)[None, None, :] <= positions[:, :, None])  # [B, 1, T]
+  mask = (jnp.arange(w)[None, None, :] <= positions[:, :, None])  # [B, 1, W]
   latent = cache.latent
   rows = jnp.arange(b)
   for i, layer in enumerate(model.layers):
@@ -61,7 +65,7 @@ def decode_step(model: Transformer, tokens: jax.Array, cache: LatentCache,
     c, k_rope = layer.attn.latents(a, pos)
     new = jnp.concatenate([c, k_rope], axis=-1)[:, 0].astype(latent.dtype)  # [B, R + Dr]
     latent = latent.at[i, rows, write_at].set(new, mode="drop")
-    h = h + layer.attn.attend_absorbed(q_nope, q_rope, latent[i], mask)
+    h = h + layer.attn.attend_absorbed(q_nope, q_rope, latent[i, :, :w], mask)
     h = h + layer.ffn(layer.post_attn_norm(h))
   lengths = cache.lengths + active.astype(jnp.int32)
   return model.logits(h)[:, 0], LatentCache(latent, lengths)
