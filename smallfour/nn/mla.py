@@ -73,15 +73,16 @@ class MLA(nnx.Module):
     q_nope: [B, S, H, Dn], q_rope: [B, S, H, Dr], c: [B, T, R], k_rope: [B, T, Dr],
     mask: [B, S, T] bool (True = may attend) -> [B, S, D].
     """
-    k_nope, v = self.expand(c)
-    return self.project_out(self._attend(q_nope, q_rope, k_nope, k_rope, v, mask))
+    k, v = self._head_major_keys(c, k_rope)
+    q = jnp.concatenate([q_nope, q_rope], axis=-1).transpose(0, 2, 1, 3)  # [B, H, S, Dq]
+    return self._project_heads(self._attend_heads(q, k, v, mask))
 
   def attend_chunked(self, q_nope: jax.Array, q_rope: jax.Array, c: jax.Array,
                      k_rope: jax.Array, q_pos: jax.Array, k_valid: jax.Array,
                      chunk: int) -> jax.Array:
     """The expanded form over query chunks, so memory grows linearly with the prompt.
 
-    Keys/values are expanded once ([B, T, H, Dn + Dv]); each chunk of `chunk` queries
+    Keys/values are expanded once, head-major; each chunk of `chunk` queries
     attends to every key at a position ≤ its own (keys at index t have position t).
     Up to UNROLL_CHUNKS chunks are unrolled and chunk i reads only keys [0, (i+1)·chunk),
     skipping the causally masked blocks (~40% less work at 4 chunks); longer prompts map
@@ -91,44 +92,48 @@ class MLA(nnx.Module):
     b, s = q_pos.shape
     if s % chunk:
       raise ValueError(f"prompt length {s} is not a multiple of the chunk {chunk}")
-    k_nope, v = self.expand(c)
+    # Head-major [B, H, T, ·] keys and values, laid out once for every chunk: each chunk's
+    # two matmuls are then plain batched GEMMs with no per-chunk transposes.
+    k, v = self._head_major_keys(c, k_rope)
+    q = jnp.concatenate([q_nope, q_rope], axis=-1).transpose(0, 2, 1, 3)  # [B, H, S, Dq]
     k_pos = jnp.arange(c.shape[1])
 
-    def one_chunk(qn, qr, qp, end):
+    def one_chunk(q_chunk, qp, end):
       mask = (k_pos[None, None, :end] <= qp[:, :, None]) & k_valid[:, None, :end]
-      return self._attend(qn, qr, k_nope[:, :end], k_rope[:, :end], v[:, :end], mask)
+      return self._attend_heads(q_chunk, k[:, :, :end], v[:, :, :end], mask)
 
     if s // chunk <= UNROLL_CHUNKS and c.shape[1] == s:
       out = jnp.concatenate([
-          one_chunk(q_nope[:, i:i + chunk], q_rope[:, i:i + chunk], q_pos[:, i:i + chunk],
-                    i + chunk) for i in range(0, s, chunk)], axis=1)
-      return self.project_out(out)
-    split = lambda x: jnp.moveaxis(x.reshape(b, s // chunk, chunk, *x.shape[2:]), 1, 0)  # noqa
-    out = jax.lax.map(lambda a: one_chunk(*a, c.shape[1]),
-                      (split(q_nope), split(q_rope), split(q_pos)))
-    return self.project_out(jnp.moveaxis(out, 0, 1).reshape(b, s, *out.shape[3:]))
+          one_chunk(q[:, :, i:i + chunk], q_pos[:, i:i + chunk], i + chunk)
+          for i in range(0, s, chunk)], axis=2)  # [B, H, S, Dv]
+    else:
+      split = lambda x, axis: jnp.moveaxis(  # noqa: E731
+          x.reshape(*x.shape[:axis], s // chunk, chunk, *x.shape[axis + 1:]), axis, 0)
+      out = jax.lax.map(lambda a: one_chunk(*a, c.shape[1]), (split(q, 2), split(q_pos, 1)))
+      out = jnp.moveaxis(out, 0, 2).reshape(*q.shape[:3], -1)
+    return self._project_heads(out)
 
-  def expand(self, c: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """c: [B, T, R] -> (k_nope [B, T, H, Dn], v [B, T, H, Dv])."""
-    return (jnp.einsum("btr,rhn->bthn", c, self.k_up[...]),
-            jnp.einsum("btr,rhv->bthv", c, self.v_up[...]))
+  def _head_major_keys(self, c: jax.Array, k_rope: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """c: [B, T, R], k_rope: [B, T, Dr] -> (k [B, H, T, Dn + Dr], v [B, H, T, Dv])."""
+    k_nope = jnp.einsum("btr,rhn->bhtn", c, self.k_up[...])
+    rope = jnp.broadcast_to(k_rope[:, None], (*k_nope.shape[:3], k_rope.shape[-1]))
+    return (jnp.concatenate([k_nope, rope.astype(k_nope.dtype)], axis=-1),
+            jnp.einsum("btr,rhv->bhtv", c, self.v_up[...]))
+
+  def _attend_heads(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+                    ) -> jax.Array:
+    """q: [B, H, S, Dq], k: [B, H, T, Dq], v: [B, H, T, Dv], mask: [B, S, T] -> [B, H, S, Dv]."""
+    scores = jnp.einsum("bhsd,bhtd->bhst", q, k, preferred_element_type=_F32)
+    probs = _masked_softmax(scores * self.softmax_scale, mask).astype(v.dtype)
+    return jnp.einsum("bhst,bhtv->bhsv", probs, v)
 
   def project_out(self, o: jax.Array) -> jax.Array:
     """o: [B, S, H, Dv] -> [B, S, D]."""
     return jnp.einsum("bshv,hvd->bsd", o, self.o_proj[...])
 
-  def _attend(self, q_nope, q_rope, k_nope, k_rope, v, mask) -> jax.Array:
-    """Scores in float32, probabilities cast to the value dtype: [B, S, H, Dv].
-
-    One einsum over [nope | rope] (the shared rope key broadcast to every head): on
-    XLA:CPU two einsums and a sum of their [B, H, S, T] outputs take twice as long.
-    """
-    q = jnp.concatenate([q_nope, q_rope], axis=-1)
-    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :],
-                                                   (*k_nope.shape[:3], k_rope.shape[-1]))], -1)
-    scores = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=_F32)
-    probs = _masked_softmax(scores * self.softmax_scale, mask).astype(v.dtype)
-    return jnp.einsum("bhst,bthv->bshv", probs, v)
+  def _project_heads(self, o: jax.Array) -> jax.Array:
+    """o: [B, H, S, Dv] (head-major) -> [B, S, D]."""
+    return jnp.einsum("bhsv,hvd->bsd", o, self.o_proj[...])
 
   def attend_absorbed(self, q_nope: jax.Array, q_rope: jax.Array, latent: jax.Array,
                       mask: jax.Array) -> jax.Array:
