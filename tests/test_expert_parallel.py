@@ -16,6 +16,7 @@ import configs
 from smallfour import config as config_lib
 from smallfour import sharding
 from smallfour.checkpoint import assemble, keymap
+from smallfour.checkpoint import convert as convert_lib
 from smallfour.inference.engine import Engine
 from smallfour.nn import expert_parallel, moe, moe_kernels
 from smallfour.nn.decoder import Transformer
@@ -143,24 +144,35 @@ def _generate(flags, devices: int, **popen):
 
 
 @pytest.mark.slow
-def test_two_processes_generate_what_one_does(tmp_path):
-  """Two local processes x 4 CPU devices (gloo), one (data 2, expert 4) mesh."""
-  common = ["--config=tiny", "--prompt_ids=1,2,3,40,41", "--max_new_tokens=12"]
+@pytest.mark.parametrize("source", ["preset", "checkpoint"])
+def test_two_processes_generate_what_one_does(tmp_path, source):
+  """Two local processes x 4 CPU devices (gloo), one (data 2, expert 4) mesh: a random
+  preset built in its shards, or a converted checkpoint each process restores its part of."""
+  if source == "preset":
+    model_flag = "--config=tiny"
+  else:
+    hf = oracle.hf_model(oracle.hf_config(num_hidden_layers=2, eos_token_id=None), seed=4)
+    hf.save_pretrained(tmp_path / "hf")
+    convert_lib.convert(str(tmp_path / "hf"), str(tmp_path / "ckpt"), dtype="float32",
+                        progress=False)
+    model_flag = f"--ckpt={tmp_path / 'ckpt'}"
+  common = [model_flag, "--prompt_ids=1,2,3,40,41", "--max_new_tokens=12"]
   one = _generate([*common, "--mesh=data:1,expert:1,tensor:1",
                    f"--output_json={tmp_path / 'one.json'}"], devices=1)
-  assert one.wait(timeout=300) == 0, one.stderr.read()[-2000:]
+  _, err = one.communicate(timeout=300)  # not wait(): full pipes would block the child
+  assert one.returncode == 0, err[-2000:]
   port = _free_port()
   procs = [_generate([*common, "--mesh=data:2,expert:4,tensor:1",
                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                       f"--process_id={i}", f"--output_json={tmp_path / f'two{i}.json'}"],
                      devices=4) for i in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-2000:]
-  assert "2 process(es)" in outs[0][1]
+  for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, (i, err[-3000:])
+  assert "2 process(es)" in outs[0][1], outs[0][1][-2000:]
   assert not (tmp_path / "two1.json").exists()  # only process 0 writes
   printed = [line for line in outs[1][0].splitlines() if not line.startswith("[Gloo]")]
-  assert printed == []  # ...and prints
+  assert printed == [], printed  # ...and prints
   want = json.loads((tmp_path / "one.json").read_text())["token_ids"]
   assert len(want) == 12
   assert json.loads((tmp_path / "two0.json").read_text())["token_ids"] == want
