@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -89,10 +90,12 @@ def test_neither_format(tmp_path):
   _expect_failure(tmp_path / "src", tmp_path / "dst", r"is neither an HF checkpoint")
 
 
-def test_fp8_without_scale(tmp_path, reference):
+def test_fp8_without_scale(tmp_path, reference, monkeypatch):
   cfg, tensors = reference
   checkpoints.write_native_fp8(str(tmp_path / "src"), cfg, tensors)
   from safetensors.numpy import load_file, save_file
+  # safetensors' numpy loader looks the FP8 type up as numpy.float8_e4m3fn.
+  monkeypatch.setattr(np, "float8_e4m3fn", ml_dtypes.float8_e4m3fn, raising=False)
   file = tmp_path / "src" / "consolidated.safetensors"
   data = load_file(str(file))
   del data["layers.0.attention.wo.qscale_weight"]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from smallfour.checkpoint import strided
 from smallfour.checkpoint.keymap import Path, TensorMap
 
 
@@ -22,7 +23,7 @@ class TensorSource(Protocol):
     """The tensor's full shape (raises CheckpointError if absent)."""
 
   def read(self, name: str, index: int | None = None, dtype=np.float32) -> np.ndarray:
-    """`tensor` or `tensor[index]`, dequantized and cast to `dtype`."""
+    """`tensor` or `tensor[index]`, dequantized and cast to `dtype`; read-only."""
 
 
 class DictSource:
@@ -50,40 +51,46 @@ def check_shapes(maps: Iterable[TensorMap], source: TensorSource) -> None:
 
 
 def build_params(maps: Iterable[TensorMap], source: TensorSource,
-                 abstract: nnx.State) -> dict[Path, np.ndarray]:
+                 abstract: nnx.State | Mapping[Path, Any],
+                 empty: Callable[..., np.ndarray] = np.empty) -> dict[Path, np.ndarray]:
   """Builds the mapped parameters in the dtype `abstract` (the model's state) gives them.
 
+  Args:
+    abstract: the model's state, or its flat form {path: variable or ShapeDtypeStruct}
+      (pass the flat form when calling repeatedly: flattening costs ~ms per call).
+    empty: allocates the outputs, `empty(shape, dtype)` (e.g. from reused buffers).
+
   Expert slices (`write_index`) fill one preallocated array, so the transient memory is
-  one expert's float32 copy, not a whole stacked tensor. Returns {path: array}.
+  one expert's copy, not a whole stacked tensor. Returns {path: C-contiguous array}.
   """
   maps = list(maps)
   check_shapes(maps, source)
-  expected = dict(nnx.to_flat_state(abstract))
+  expected = abstract if not isinstance(abstract, nnx.State) else dict(
+      nnx.to_flat_state(abstract))
   out: dict[Path, np.ndarray] = {}
   for m in maps:
     if m.path not in expected:
       raise AssertionError(f"key map targets {m.path}, which the model lacks")
     var = expected[m.path]
     inputs = [source.read(name, m.read_index, var.dtype) for name in m.sources]
-    value = m.build(*inputs)  # often a strided view: copied exactly once below
-    if m.write_index is None:
-      target_shape = tuple(var.shape)
-      out[m.path] = np.ascontiguousarray(value)
-    else:
-      target_shape = tuple(var.shape[1:])
-      if m.path not in out:
-        out[m.path] = np.empty(var.shape, var.dtype)
-      out[m.path][m.write_index] = value
+    value = m.build(*inputs)  # often a transposed view: copied exactly once below
+    target_shape = tuple(var.shape if m.write_index is None else var.shape[1:])
     if tuple(value.shape) != target_shape:  # a key-map bug, not a checkpoint problem
       raise AssertionError(f"{m.sources} -> {m.path}: {value.shape} != {target_shape}")
+    if m.write_index is None:
+      out[m.path] = strided.contiguous(value, empty)
+    else:
+      if m.path not in out:
+        out[m.path] = empty(tuple(var.shape), np.dtype(var.dtype))
+      strided.copy_into(out[m.path][m.write_index], value)
   return out
 
 
 def load_into(model: nnx.Module, maps: Iterable[TensorMap], source: TensorSource) -> None:
   """Replaces every parameter of `model` with checkpoint tensors; all must be mapped."""
   state = nnx.state(model, nnx.Param)
-  built = build_params(maps, source, state)
   flat = nnx.to_flat_state(state)
+  built = build_params(maps, source, dict(flat))
   missing = [p for p, _ in flat if p not in built]
   if missing:
     names = ", ".join(".".join(map(str, p)) for p in missing[:5])

@@ -47,7 +47,7 @@ def _group_bytes(group: list[TensorMap], flat: dict[Path, Any]) -> int:
   return sum(flat[p].size * np.dtype(flat[p].dtype).itemsize for p in {m.path for m in group})
 
 
-def _build_in_chunks(group: list[TensorMap], source, abstract: nnx.State
+def _build_in_chunks(group: list[TensorMap], source, flat: dict[Path, Any]
                      ) -> Iterator[dict[Path, np.ndarray]]:
   """Builds a layer's parameters one at a time, yielding them in ~SAVE_CHUNK_BYTES chunks."""
   by_path: dict[Path, list[TensorMap]] = {}
@@ -55,7 +55,7 @@ def _build_in_chunks(group: list[TensorMap], source, abstract: nnx.State
     by_path.setdefault(m.path, []).append(m)
   chunk: dict[Path, np.ndarray] = {}
   for path, maps in by_path.items():
-    chunk.update(build_params(maps, source, abstract))
+    chunk.update(build_params(maps, source, flat))
     if sum(a.nbytes for a in chunk.values()) >= SAVE_CHUNK_BYTES:
       yield chunk
       chunk = {}
@@ -106,7 +106,7 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
   with ctx:
     for i, group in enumerate(ckpt.maps):
       bar.set_postfix(layer=i if i < cfg.num_layers else "embed/head")
-      for built in _build_in_chunks(group, ckpt.source, abstract):
+      for built in _build_in_chunks(group, ckpt.source, flat):
         if pending is not None:
           pending.result()
         pending = ocp.partial.save_async(params_dir, tree.nest(built))

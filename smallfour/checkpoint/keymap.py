@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from smallfour.checkpoint.strided import transpose
 from smallfour.config import TextConfig
 
 Path = tuple[str | int, ...]
@@ -63,14 +64,14 @@ def _attention_maps(cfg: TextConfig, dst: Path, names: dict[str, str]) -> list[T
   dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
 
   def q_b(w):  # [H·(Dn+Dr), Q] -> [Q, H, Dn+Dr]
-    return w.T.reshape(q, h, dn + dr)
+    return transpose(w).reshape(q, h, dn + dr)
 
   def kv_b(part):  # [H·(Dn+Dv), R] -> k_up [R, H, Dn] or v_up [R, H, Dv]
     sl = slice(0, dn) if part == "k" else slice(dn, dn + dv)
     return lambda w: w.reshape(h, dn + dv, r)[:, sl].transpose(2, 0, 1)
 
   def o(w):  # [D, H·Dv] -> [H, Dv, D]
-    return w.T.reshape(h, dv, d)
+    return transpose(w).reshape(h, dv, d)
 
   a = dst + ("attn",)
   return [

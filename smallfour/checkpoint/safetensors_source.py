@@ -1,39 +1,38 @@
-"""Tensors of a directory of safetensors shards: memory-mapped reads, FP8 dequantization.
+"""Tensors of a directory of safetensors shards: direct reads, FP8 dequantization.
 
-Only headers are read up front (names, dtypes, shapes); data is read per tensor (or per
-expert slice) through `safetensors.safe_open`, and `release()` unmaps the files so the
-resident set stays about one layer. torch is never imported.
+Only headers are read up front (names, dtypes, shapes, byte offsets), and validated by
+`safetensors.safe_open`. Data is read per tensor (or per expert slice) with one `preadv`
+into a fresh buffer at the header's offsets: ~5 GB/s from the page cache where
+`safe_open(...).get_tensor` copies at ~1.5 GB/s, and nothing stays mapped, so the
+resident set is only what the caller holds. torch is never imported.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import os
+import struct
 from typing import Callable, Sequence
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from smallfour.checkpoint import strided
 from smallfour.checkpoint.assemble import CheckpointError
 
-# safetensors' numpy backend looks the FP8 type up as `numpy.float8_e4m3fn`, which numpy
-# does not define; ml_dtypes provides it. Without this, reading an F8_E4M3 tensor raises
-# AttributeError.
-if not hasattr(np, "float8_e4m3fn"):
-  np.float8_e4m3fn = ml_dtypes.float8_e4m3fn
-
 FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F8_E4M3"})
+_NUMPY_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+                 "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn)}
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _dequantize(raw: jax.Array, scale: jax.Array, dtype: np.dtype) -> jax.Array:
-  """`dtype(float32(raw) · scale)` in one fused pass; numpy takes three, ~2x slower."""
-  return (raw.astype(jnp.float32) * scale).astype(dtype)
+def _data_offsets(file: str) -> dict[str, tuple[int, int]]:
+  """{name: (first byte, end byte)} in `file`, from its (already validated) header."""
+  with open(file, "rb") as f:
+    (size,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(size))
+  return {name: (8 + size + info["data_offsets"][0], 8 + size + info["data_offsets"][1])
+          for name, info in header.items() if name != "__metadata__"}
 
 
 class SafetensorsSource:
@@ -50,8 +49,9 @@ class SafetensorsSource:
     self.location: dict[str, str] = {}
     self.dtypes: dict[str, str] = {}
     self.shapes: dict[str, tuple[int, ...]] = {}
-    self._handles = contextlib.ExitStack()
-    self._open: dict[str, object] = {}
+    self._offsets: dict[str, tuple[int, int]] = {}
+    self._fds: dict[str, int] = {}
+    self._last: tuple[tuple[str, int | None], np.ndarray] | None = None
     self._scales: dict[str, np.ndarray] = {}
     for file in files:
       self._index_header(file)
@@ -85,6 +85,7 @@ class SafetensorsSource:
           self.shapes[name] = tuple(sl.get_shape())
     except SafetensorError as e:
       raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({e})") from None
+    self._offsets.update(_data_offsets(file))
 
   def _check_index(self, index_file: str, weight_map: dict[str, str]) -> None:
     for name, shard in weight_map.items():
@@ -111,37 +112,63 @@ class SafetensorsSource:
                               f"tensor {self.scale_name(name)}")
 
   def read(self, name: str, index: int | None = None, dtype=np.float32) -> np.ndarray:
-    handle = self._handle(self.location[name])
-    raw = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
-    scale = self._scale(name, index, raw.ndim)
+    raw = self._read_raw(name, index)
+    scale = self._scale(name, index)
     if scale is None:
       return raw.astype(dtype, copy=False)
-    return np.asarray(_dequantize(raw, scale, np.dtype(dtype)))
+    try:
+      return strided.dequantize_fp8(raw, scale, dtype)
+    except ValueError as e:
+      raise CheckpointError(f"tensor {name}: {e}") from None
 
   def release(self) -> None:
-    """Closes (unmaps) every open file; later reads reopen them."""
-    self._handles.close()
-    self._handles = contextlib.ExitStack()
-    self._open.clear()
+    """Closes the open files; later reads reopen them."""
+    for fd in self._fds.values():
+      os.close(fd)
+    self._fds.clear()
+    self._last = None
 
   # ------------------------------------------------------------------- helpers
 
-  def _handle(self, file: str):
-    if file not in self._open:
-      self._open[file] = self._handles.enter_context(safe_open(file, framework="np"))
-    return self._open[file]
+  def _read_raw(self, name: str, index: int | None) -> np.ndarray:
+    """`_pread`, keeping the last result: HF's fused `gate_up_proj[i]` is read once for
+    the gate rows and again for the up rows. Callers must not modify what it returns."""
+    if self._last is None or self._last[0] != (name, index):
+      self._last = ((name, index), self._pread(name, index))
+    return self._last[1]
 
-  def _scale(self, name: str, index: int | None, ndim: int) -> np.ndarray | None:
-    """The multiplier for `name` (or its slice `index`), broadcastable to the tensor."""
+  def _pread(self, name: str, index: int | None) -> np.ndarray:
+    """The stored values of `name` (or of its slice `index` on axis 0), in a fresh array."""
+    file = self.location[name]
+    start, end = self._offsets[name]
+    shape = self.shapes[name]
+    if index is not None:
+      rows = shape[0]
+      shape = shape[1:]
+      start, end = start + index * (end - start) // rows, start + (index + 1) * (end - start) // rows
+    out = np.empty(shape, _NUMPY_DTYPES[self.dtypes[name]])
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    if len(view) != end - start:
+      raise CheckpointError(f"tensor {name} in {file}: {end - start} bytes for shape "
+                            f"{self.shapes[name]} {self.dtypes[name]}")
+    if file not in self._fds:
+      self._fds[file] = os.open(file, os.O_RDONLY)
+    done = 0
+    while done < len(view):  # preadv may return short counts (e.g. above 2 GiB)
+      n = os.preadv(self._fds[file], [view[done:]], start + done)
+      if n <= 0:
+        raise CheckpointError(f"{file}: ends inside tensor {name} (truncated?)")
+      done += n
+    return out
+
+  def _scale(self, name: str, index: int | None) -> np.ndarray | None:
+    """The multiplier(s) for `name` (or its slice `index`): one, or one per row of axis 0."""
     scale_name = self.scale_name(name)
     if scale_name not in self.location:
       return None
     if scale_name not in self._scales:  # scales are tiny; keep them across release()
-      self._scales[scale_name] = np.asarray(
-          self._handle(self.location[scale_name]).get_tensor(scale_name), np.float32).reshape(-1)
+      self._scales[scale_name] = np.array(self._pread(scale_name, None), np.float32).reshape(-1)
     scale = self._scales[scale_name]
-    if scale.size == 1:
-      return scale.reshape(())
-    if index is not None:  # one expert of a per-expert scale [E] / [E, 1, 1]
-      return scale[index]
-    return scale.reshape((-1,) + (1,) * (ndim - 1))
+    if scale.size == 1 or index is None:
+      return scale
+    return scale[index]  # one expert of a per-expert scale [E] / [E, 1, 1]
