@@ -1,17 +1,23 @@
 """Converter round trips: released layouts -> orbax -> restore -> transformers' logits."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
 import pytest
+import tensorstore as ts
 import torch
 from flax import nnx
 
 from smallfour import sharding
 from smallfour.checkpoint import convert as convert_lib
 from smallfour.checkpoint import restore as restore_lib
+from smallfour.checkpoint import tree
+from smallfour.checkpoint.orbax_writer import TreeWriter
 from tests import checkpoints, oracle
 
 TOKENS = np.random.default_rng(5).integers(0, 256, (2, 48))  # crosses original_max=32
@@ -94,3 +100,45 @@ def test_bfloat16_storage_and_sharded_restore(reference, tmp_path):
   np.testing.assert_array_equal(np.asarray(experts),
                                 np.asarray(single.layers[1].ffn.experts.gate_proj[...],
                                            np.float32))
+
+
+def test_tree_writer_matches_orbax_save_pytree(tmp_path):
+  """TreeWriter writes what orbax's own save writes, and orbax restores it."""
+  rng = np.random.default_rng(0)
+  flat = {("layers", 0, "attn", "w"): rng.standard_normal((4, 8)).astype(ml_dtypes.bfloat16),
+          ("layers", 10, "x"): rng.standard_normal((3, 2, 5)).astype(np.float32),
+          ("layers", 2, "x"): rng.standard_normal((7,)).astype(np.float32),
+          ("embedder",): rng.standard_normal((6, 4)).astype(ml_dtypes.bfloat16)}
+  done = []
+  with TreeWriter(str(tmp_path / "ours"), max_pending_bytes=64) as writer:
+    for path, array in flat.items():
+      writer.write(path, array, on_done=done.append)
+      writer.flush()
+  assert len(done) == len(flat)
+  ctx = ocp.Context()
+  ctx.array.saving.use_compression = False
+  with ctx:
+    ocp.save(str(tmp_path / "orbax"), tree.nest(flat))
+
+  def read_json(*parts):
+    return json.loads((tmp_path.joinpath(*parts)).read_text())
+
+  assert read_json("ours", "state", "_METADATA") == read_json("orbax", "state", "_METADATA")
+  ours, theirs = read_json("ours", "_CHECKPOINT_METADATA"), read_json("orbax", "_CHECKPOINT_METADATA")
+  assert {k: v for k, v in ours.items() if "timestamp" not in k} == {
+      k: v for k, v in theirs.items() if "timestamp" not in k}
+  for name in ("orbax.checkpoint", "commit_success.txt"):
+    assert os.path.exists(tmp_path / "ours" / name)
+  kv = {name: ts.KvStore.open({"driver": "ocdbt", "base": f"file://{tmp_path / name}/state/"}
+                              ).result() for name in ("ours", "orbax")}
+  keys = kv["orbax"].list().result()
+  assert kv["ours"].list().result() == keys
+  for key in keys:
+    if key.endswith(b"zarr.json"):
+      assert kv["ours"].read(key).result().value == kv["orbax"].read(key).result().value
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                        tree.nest(flat))
+  loaded = ocp.load(str(tmp_path / "ours"), target)
+  for path, array in flat.items():
+    np.testing.assert_array_equal(np.asarray(tree.lookup(loaded, path)), array)

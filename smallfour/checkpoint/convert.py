@@ -1,9 +1,10 @@
 """Released checkpoint (HF or native, FP8/BF16) -> a self-contained orbax checkpoint.
 
-Streams one decoder layer at a time: build that layer's parameters in the stored
-dtype, append them to an orbax partial save, unmap the source files. Everything is
-written under `<dst>.partial/` and renamed to `<dst>` only at the end, so a killed
-conversion never leaves a `<dst>` that restores, and a rerun starts cleanly.
+Streams one parameter at a time: build it in the stored dtype (into a reused buffer),
+hand it to a `TreeWriter` that writes it in the background while the next one is built,
+and fsync each layer's files in the background. Everything is written under
+`<dst>.partial/`, fsynced, and renamed to `<dst>` only at the end, so a killed (or
+power-cut) conversion never leaves a `<dst>` that restores, and a rerun starts cleanly.
 
 Destination layout::
 
@@ -19,48 +20,70 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Iterator, Literal
+import weakref
+from typing import Any, Literal
 
 import numpy as np
-import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
 from tqdm import tqdm
 
 from smallfour import config as config_lib
 from smallfour import summary
-from smallfour.checkpoint import tree
 from smallfour.checkpoint.assemble import CheckpointError, build_params
 from smallfour.checkpoint.formats import open_checkpoint
 from smallfour.checkpoint.keymap import Path, TensorMap
+from smallfour.checkpoint.orbax_writer import TreeWriter, fsync
 
 PARAMS_DIR = "params"
 STAGING_SUFFIX = ".partial"
 DTYPES = ("bfloat16", "float32")
 
-
-# Parameters are saved in chunks of about this size: orbax copies what it is given, so
-# the chunk bounds that copy, while fewer, larger saves amortise orbax's per-call cost.
-SAVE_CHUNK_BYTES = 64 * 2**20
-
-
-def _group_bytes(group: list[TensorMap], flat: dict[Path, Any]) -> int:
-  return sum(flat[p].size * np.dtype(flat[p].dtype).itemsize for p in {m.path for m in group})
+# Bytes being written may reach this fraction of the largest layer (at least its largest
+# parameter) before building waits: enough to keep the writer busy, and with the
+# parameter being built, peak memory stays about one layer.
+PENDING_FRACTION = 0.5
 
 
-def _build_in_chunks(group: list[TensorMap], source, flat: dict[Path, Any]
-                     ) -> Iterator[dict[Path, np.ndarray]]:
-  """Builds a layer's parameters one at a time, yielding them in ~SAVE_CHUNK_BYTES chunks."""
+class _BufferPool:
+  """Output arrays, handed out again once written.
+
+  Touching fresh memory costs ~0.6 ms/MB here (page faults), as much as building the
+  values into it; every decoder layer has the same shapes, so reusing the previous
+  layer's buffers takes that cost off all but the first.
+  """
+
+  def __init__(self):
+    self._free: dict[tuple[tuple[int, ...], np.dtype], list[np.ndarray]] = {}
+    self._ours = weakref.WeakValueDictionary()  # id -> array, for arrays we allocated
+
+  def empty(self, shape, dtype) -> np.ndarray:
+    free = self._free.get((tuple(shape), np.dtype(dtype)))
+    if free:
+      return free.pop()
+    array = np.empty(shape, dtype)
+    self._ours[id(array)] = array
+    return array
+
+  def owns(self, array: np.ndarray) -> bool:
+    return self._ours.get(id(array)) is array
+
+  def recycle(self, array: np.ndarray) -> None:
+    self._free.setdefault((array.shape, array.dtype), []).append(array)
+
+  def retain(self, keys: set[tuple[tuple[int, ...], np.dtype]]) -> None:
+    """Drops the free buffers of any other shape (e.g. decoder layers' before the head)."""
+    self._free = {k: v for k, v in self._free.items() if k in keys}
+
+
+def _nbytes(var: Any) -> int:
+  return int(np.prod(var.shape)) * np.dtype(var.dtype).itemsize
+
+
+def _by_path(group: list[TensorMap]) -> dict[Path, list[TensorMap]]:
   by_path: dict[Path, list[TensorMap]] = {}
   for m in group:
     by_path.setdefault(m.path, []).append(m)
-  chunk: dict[Path, np.ndarray] = {}
-  for path, maps in by_path.items():
-    chunk.update(build_params(maps, source, flat))
-    if sum(a.nbytes for a in chunk.values()) >= SAVE_CHUNK_BYTES:
-      yield chunk
-      chunk = {}
-  if chunk:
-    yield chunk
+  return by_path
 
 
 def convert(src: str, dst: str, *, dtype: str = "bfloat16",
@@ -93,35 +116,32 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
     shutil.rmtree(staging)
   os.makedirs(staging)
   abstract = summary.abstract_params(cfg, np.dtype(dtype))
-  params_dir = os.path.join(staging, PARAMS_DIR)
-  source_bytes = sum(os.path.getsize(f) for f in set(ckpt.source.location.values()))
-  written = 0
-  # Random-looking weights do not compress; zstd would only cost time.
-  ctx = ocp.Context()
-  ctx.array.saving.use_compression = False
   flat = dict(nnx.to_flat_state(abstract))
-  bar = tqdm(total=sum(_group_bytes(g, flat) for g in ckpt.maps), unit="B",
-             unit_scale=True, desc="convert", disable=not progress)
-  pending = None  # orbax writes one chunk in the background while the next is built
-  with ctx:
-    for i, group in enumerate(ckpt.maps):
+  groups = [_by_path(g) for g in ckpt.maps]
+  group_bytes = [sum(_nbytes(flat[p]) for p in g) for g in groups]
+  largest = max(_nbytes(flat[p]) for g in groups for p in g)
+  source_bytes = sum(os.path.getsize(f) for f in set(ckpt.source.location.values()))
+  bar = tqdm(total=sum(group_bytes), unit="B", unit_scale=True, desc="convert",
+             disable=not progress)
+  pool = _BufferPool()
+  written = 0
+  with TreeWriter(os.path.join(staging, PARAMS_DIR), max_pending_bytes=max(
+      largest, int(PENDING_FRACTION * max(group_bytes)))) as writer:
+    for i, group in enumerate(groups):
       bar.set_postfix(layer=i if i < cfg.num_layers else "embed/head")
-      for built in _build_in_chunks(group, ckpt.source, flat):
-        if pending is not None:
-          pending.result()
-        pending = ocp.partial.save_async(params_dir, tree.nest(built))
-        size = sum(a.nbytes for a in built.values())
-        written += size
-        bar.update(size)
-        del built
+      pool.retain({(tuple(flat[p].shape), np.dtype(flat[p].dtype)) for p in group})
+      for maps in group.values():
+        for path, array in build_params(maps, ckpt.source, flat, empty=pool.empty).items():
+          writer.write(path, array, on_done=pool.recycle if pool.owns(array) else None)
+          written += array.nbytes
+          bar.update(array.nbytes)
       ckpt.source.release()
-    if pending is not None:
-      pending.result()
-    ocp.partial.finalize(params_dir)
+      writer.flush()  # fsync this layer's files in the background
   bar.close()
 
   if ckpt.tokenizer:
     shutil.copyfile(ckpt.tokenizer, os.path.join(staging, "tekken.json"))
+    fsync(os.path.join(staging, "tekken.json"))
   meta = {
       "format_version": 1,
       "text": cfg.to_dict(),
@@ -131,6 +151,10 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
   }
   with open(os.path.join(staging, config_lib.SMALLFOUR_CONFIG_FILE), "w") as f:
     json.dump(meta, f, indent=2)
+  fsync(os.path.join(staging, config_lib.SMALLFOUR_CONFIG_FILE))
+  fsync(staging)
   os.rename(staging, dst)  # the commit point
+  fsync(os.path.dirname(os.path.abspath(dst)))  # ... made durable
   seconds = time.perf_counter() - start
   return {"source_bytes": source_bytes, "written_bytes": written, "seconds": seconds}
+
