@@ -1,4 +1,5 @@
-"""Converter round trips: released layouts -> orbax -> restore -> transformers' logits."""
+"""Converter round trips (released layouts -> orbax -> restore -> transformers' logits) and its
+fast paths: the orbax-layout writer, FP8 table lookup, blocked copies, block reads."""
 
 import json
 import os
@@ -12,12 +13,14 @@ import pytest
 import tensorstore as ts
 import torch
 from flax import nnx
+from safetensors.numpy import save_file
 
 from smallfour import sharding
 from smallfour.checkpoint import convert as convert_lib
 from smallfour.checkpoint import restore as restore_lib
-from smallfour.checkpoint import tree
+from smallfour.checkpoint import strided, tree
 from smallfour.checkpoint.orbax_writer import TreeWriter
+from smallfour.checkpoint.safetensors_source import SafetensorsSource
 from tests import checkpoints, oracle
 
 TOKENS = np.random.default_rng(5).integers(0, 256, (2, 48))  # crosses original_max=32
@@ -142,3 +145,38 @@ def test_tree_writer_matches_orbax_save_pytree(tmp_path):
   loaded = ocp.load(str(tmp_path / "ours"), target)
   for path, array in flat.items():
     np.testing.assert_array_equal(np.asarray(tree.lookup(loaded, path)), array)
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float32])
+def test_fp8_table_lookup_is_the_arithmetic(dtype):
+  codes = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  fp8 = codes.view(ml_dtypes.float8_e4m3fn)
+  bits = {1: np.uint8, 2: np.uint16, 4: np.uint32}[np.dtype(dtype).itemsize]
+  for scale in (np.float32(1.0), np.float32(0.0123), np.float32(3e-5)):
+    want = (fp8.astype(np.float32) * scale).astype(dtype)
+    got = strided.dequantize_fp8(fp8, np.array([scale]), dtype)
+    np.testing.assert_array_equal(got.view(bits), want.view(bits))  # NaN codes included
+    out = np.empty((16, 16), dtype)
+    strided.lookup_into(out, strided.fp8_table(scale, dtype), codes.T)
+    np.testing.assert_array_equal(out.view(bits), want.T.view(bits))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, ml_dtypes.bfloat16, np.float32])
+def test_blocked_copies_equal_numpy(dtype):
+  w = np.random.default_rng(0).standard_normal((70, 45)).astype(dtype)
+  for view in (w.T, w[3:50].T, w[:, 5:40].T, w[::2].T, w):
+    np.testing.assert_array_equal(strided.contiguous(view), np.ascontiguousarray(view))
+  np.testing.assert_array_equal(strided.transpose(w), w.T)
+
+
+def test_reads_of_blocks(tmp_path):
+  rng = np.random.default_rng(0)
+  tensors = {"a": rng.standard_normal((5, 6, 3)).astype(ml_dtypes.bfloat16),
+             "b": rng.standard_normal((4,)).astype(np.float32)}
+  save_file(tensors, str(tmp_path / "x.safetensors"))
+  source = SafetensorsSource([str(tmp_path / "x.safetensors")], lambda n: n + "_scale")
+  a = tensors["a"]
+  for index, want in [(None, a), (2, a[2]), ((4, slice(1, 5)), a[4, 1:5]), ((0, slice(0, 6)), a[0])]:
+    np.testing.assert_array_equal(source.read("a", index, a.dtype), want)
+  np.testing.assert_array_equal(source.read("b", None, np.float32), tensors["b"])
+  assert source.read_lookup("a", 1, np.float32) is None  # not FP8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import jax.numpy as jnp
@@ -52,37 +53,66 @@ def check_shapes(maps: Iterable[TensorMap], source: TensorSource) -> None:
 
 def build_params(maps: Iterable[TensorMap], source: TensorSource,
                  abstract: nnx.State | Mapping[Path, Any],
-                 empty: Callable[..., np.ndarray] = np.empty) -> dict[Path, np.ndarray]:
+                 empty: Callable[..., np.ndarray] = np.empty,
+                 executor: concurrent.futures.Executor | None = None) -> dict[Path, np.ndarray]:
   """Builds the mapped parameters in the dtype `abstract` (the model's state) gives them.
 
   Args:
     abstract: the model's state, or its flat form {path: variable or ShapeDtypeStruct}
       (pass the flat form when calling repeatedly: flattening costs ~ms per call).
     empty: allocates the outputs, `empty(shape, dtype)` (e.g. from reused buffers).
+    executor: builds expert slices in parallel (numpy releases the GIL); else in order.
 
   Expert slices (`write_index`) fill one preallocated array, so the transient memory is
-  one expert's copy, not a whole stacked tensor. Returns {path: C-contiguous array}.
+  one expert's copy (per thread), not a whole stacked tensor. A source with
+  `read_lookup` (FP8) hands over codes and a value table: the build rearranges the codes
+  and the table fills the output in one pass. Returns {path: C-contiguous array}.
   """
   maps = list(maps)
   check_shapes(maps, source)
   expected = abstract if not isinstance(abstract, nnx.State) else dict(
       nnx.to_flat_state(abstract))
-  out: dict[Path, np.ndarray] = {}
   for m in maps:
     if m.path not in expected:
       raise AssertionError(f"key map targets {m.path}, which the model lacks")
+  lookup = getattr(source, "read_lookup", None)
+  out: dict[Path, np.ndarray] = {}
+
+  def build(m: TensorMap) -> np.ndarray | None:
+    """Builds `m`; returns the whole parameter, or None once its slice is in `out`."""
     var = expected[m.path]
-    inputs = [source.read(name, m.read_index, var.dtype) for name in m.sources]
-    value = m.build(*inputs)  # often a transposed view: copied exactly once below
-    target_shape = tuple(var.shape if m.write_index is None else var.shape[1:])
-    if tuple(value.shape) != target_shape:  # a key-map bug, not a checkpoint problem
-      raise AssertionError(f"{m.sources} -> {m.path}: {value.shape} != {target_shape}")
-    if m.write_index is None:
-      out[m.path] = strided.contiguous(value, empty)
+    shape = tuple(var.shape if m.write_index is None else var.shape[1:])
+    coded = lookup(m.sources[0], m.read_index, var.dtype) if (
+        lookup and len(m.sources) == 1) else None
+    if coded is not None:
+      codes, table = coded
+      value = m.build(codes)
     else:
-      if m.path not in out:
-        out[m.path] = empty(tuple(var.shape), np.dtype(var.dtype))
-      strided.copy_into(out[m.path][m.write_index], value)
+      value = m.build(*[source.read(name, m.read_index, var.dtype) for name in m.sources])
+    if tuple(value.shape) != shape:  # a key-map bug, not a checkpoint problem
+      raise AssertionError(f"{m.sources} -> {m.path}: {value.shape} != {shape}")
+    if m.write_index is None:
+      dst = empty(shape, np.dtype(var.dtype)) if coded is not None else None
+    else:
+      dst = out[m.path][m.write_index]
+    if coded is not None:
+      strided.lookup_into(dst, table, value)
+    elif dst is None:
+      dst = strided.contiguous(value, empty)  # often a transposed view: copied once
+    else:
+      strided.copy_into(dst, value)
+    return dst if m.write_index is None else None
+
+  for m in maps:
+    if m.write_index is not None and m.path not in out:
+      var = expected[m.path]
+      out[m.path] = empty(tuple(var.shape), np.dtype(var.dtype))
+  for m in maps:
+    if m.write_index is None:
+      out[m.path] = build(m)
+  slices = [m for m in maps if m.write_index is not None]
+  for _ in (executor.map(build, slices) if executor else map(build, slices)):
+    pass  # re-raises the first error
   return out
 
 

@@ -15,6 +15,7 @@ Destination layout::
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -42,6 +43,9 @@ DTYPES = ("bfloat16", "float32")
 # parameter) before building waits: enough to keep the writer busy, and with the
 # parameter being built, peak memory stays about one layer.
 PENDING_FRACTION = 0.5
+# Expert slices are built on this many threads (numpy's copies and lookups release the
+# GIL). Measured on the 2-core CI VM: 1.7x on FP8 experts when the second core is free.
+BUILD_THREADS = min(2, os.cpu_count() or 1)
 
 
 class _BufferPool:
@@ -126,12 +130,14 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
   pool = _BufferPool()
   written = 0
   with TreeWriter(os.path.join(staging, PARAMS_DIR), max_pending_bytes=max(
-      largest, int(PENDING_FRACTION * max(group_bytes)))) as writer:
+      largest, int(PENDING_FRACTION * max(group_bytes)))) as writer, \
+      concurrent.futures.ThreadPoolExecutor(BUILD_THREADS) as builders:
     for i, group in enumerate(groups):
       bar.set_postfix(layer=i if i < cfg.num_layers else "embed/head")
       pool.retain({(tuple(flat[p].shape), np.dtype(flat[p].dtype)) for p in group})
       for maps in group.values():
-        for path, array in build_params(maps, ckpt.source, flat, empty=pool.empty).items():
+        for path, array in build_params(maps, ckpt.source, flat, empty=pool.empty,
+                                        executor=builders).items():
           writer.write(path, array, on_done=pool.recycle if pool.owns(array) else None)
           written += array.nbytes
           bar.update(array.nbytes)

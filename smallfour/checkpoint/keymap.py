@@ -8,14 +8,17 @@ parity test, so the tests exercise the converter's key map.
 
 Routed experts are mapped one expert at a time (`write_index`), so that building them
 never holds more than one expert's float32 transient: HF stores them fused
-(`gate_up_proj [E, 2F, D]`, read one expert with `read_index`), the native format per
-expert (`experts.e.w1/w2/w3`).
+(`gate_up_proj [E, 2F, D]`, read one expert's gate or up rows with `read_index`), the
+native format per expert (`experts.e.w1/w2/w3`).
+
+Builds only rearrange elements (slices, transposes, reshapes): they commute with the
+elementwise dequantization, which the converter applies after them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -30,20 +33,21 @@ Shape = tuple[int, ...]
 class TensorMap:
   """`param[write_index] = build(*[source[read_index] for source in sources])`.
 
-  Either index may be None (whole tensor). `shapes` are the sources' full shapes, checked
-  against the checkpoint's headers before anything is read.
+  Either index may be None (whole tensor). `read_index` is an int or `(int, slice)`, a
+  contiguous block of the source. `shapes` are the sources' full shapes, checked against
+  the checkpoint's headers before anything is read.
   """
 
   path: Path
   sources: tuple[str, ...]
   shapes: tuple[Shape, ...]
   build: Callable[..., np.ndarray]
-  read_index: int | None = None
+  read_index: int | tuple[int, slice] | None = None
   write_index: int | None = None
 
 
 def _map(path: Path, source: str, shape: Shape, build: Callable[[np.ndarray], np.ndarray],
-         **index: int) -> TensorMap:
+         **index: Any) -> TensorMap:
   return TensorMap(path, (source,), (shape,), build, **index)
 
 
@@ -142,13 +146,13 @@ def hf_layer_maps(cfg: TextConfig, layer: int, prefix: str = "model") -> list[Te
                                d, cfg.intermediate_size)
   maps.append(_map(ffn + ("router", "kernel"), f"{mlp}.gate.weight", (e, d), _t))
   gate_up, down = f"{mlp}.experts.gate_up_proj", f"{mlp}.experts.down_proj"
-  gate_rows, up_rows = (lambda w: _t(w[:f])), (lambda w: _t(w[f:]))  # gate_up[i]: [2F, D]
-  for i in range(e):
-    index = dict(read_index=i, write_index=i)
+  for i in range(e):  # gate_up[i]: [2F, D], gate rows then up rows
     maps += [
-        _map(ffn + ("experts", "gate_proj"), gate_up, (e, 2 * f, d), gate_rows, **index),
-        _map(ffn + ("experts", "up_proj"), gate_up, (e, 2 * f, d), up_rows, **index),
-        _map(ffn + ("experts", "down_proj"), down, (e, d, f), _t, **index),
+        _map(ffn + ("experts", "gate_proj"), gate_up, (e, 2 * f, d), _t,
+             read_index=(i, slice(0, f)), write_index=i),
+        _map(ffn + ("experts", "up_proj"), gate_up, (e, 2 * f, d), _t,
+             read_index=(i, slice(f, 2 * f)), write_index=i),
+        _map(ffn + ("experts", "down_proj"), down, (e, d, f), _t, read_index=i, write_index=i),
     ]
   if cfg.n_shared_experts:
     shared = f"{mlp}.shared_experts"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from typing import Callable, Sequence
 
 import ml_dtypes
@@ -24,6 +25,26 @@ from smallfour.checkpoint.assemble import CheckpointError
 FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F8_E4M3"})
 _NUMPY_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
                  "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn)}
+
+
+Index = int | tuple[int, slice] | None
+
+
+def _block(shape: tuple[int, ...], itemsize: int, index: Index
+           ) -> tuple[tuple[int, ...], int, int]:
+  """(shape, byte offset, bytes) of `tensor[index]`: None, `i`, or `(i, slice(a, b))`."""
+  strides = [itemsize] * (len(shape) + 1)
+  for axis in reversed(range(len(shape))):
+    strides[axis] = strides[axis + 1] * shape[axis]
+  if index is None:
+    return shape, 0, strides[0]
+  i, rows = (index, None) if isinstance(index, int) else index
+  if rows is None:
+    return shape[1:], i * strides[1], strides[1]
+  a, b, step = rows.indices(shape[1])
+  if step != 1 or b < a:
+    raise ValueError(f"read_index {index}: not a contiguous block")
+  return (b - a,) + shape[2:], i * strides[1] + a * strides[2], (b - a) * strides[2]
 
 
 def _data_offsets(file: str) -> dict[str, tuple[int, int]]:
@@ -51,7 +72,7 @@ class SafetensorsSource:
     self.shapes: dict[str, tuple[int, ...]] = {}
     self._offsets: dict[str, tuple[int, int]] = {}
     self._fds: dict[str, int] = {}
-    self._last: tuple[tuple[str, int | None], np.ndarray] | None = None
+    self._lock = threading.Lock()  # reads may come from several threads
     self._scales: dict[str, np.ndarray] = {}
     for file in files:
       self._index_header(file)
@@ -111,8 +132,8 @@ class SafetensorsSource:
         raise CheckpointError(f"FP8 tensor {name} in {self.location[name]} has no scale "
                               f"tensor {self.scale_name(name)}")
 
-  def read(self, name: str, index: int | None = None, dtype=np.float32) -> np.ndarray:
-    raw = self._read_raw(name, index)
+  def read(self, name: str, index: Index = None, dtype=np.float32) -> np.ndarray:
+    raw = self._pread(name, index)
     scale = self._scale(name, index)
     if scale is None:
       return raw.astype(dtype, copy=False)
@@ -121,47 +142,53 @@ class SafetensorsSource:
     except ValueError as e:
       raise CheckpointError(f"tensor {name}: {e}") from None
 
+  def read_lookup(self, name: str, index: Index = None, dtype=np.float32
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """FP8 `tensor[index]` with one multiplier as (uint8 codes, `strided.fp8_table`).
+
+    `table[codes]` is `read(...)`'s value; a caller can rearrange the 1-byte codes first
+    and look them up straight into its output. None for any other tensor.
+    """
+    if self.dtypes[name] != "F8_E4M3":
+      return None
+    scale = self._scale(name, index)
+    if scale is None or scale.size != 1:
+      return None
+    return self._pread(name, index).view(np.uint8), strided.fp8_table(scale[0], dtype)
+
   def release(self) -> None:
     """Closes the open files; later reads reopen them."""
-    for fd in self._fds.values():
-      os.close(fd)
-    self._fds.clear()
-    self._last = None
+    with self._lock:
+      for fd in self._fds.values():
+        os.close(fd)
+      self._fds.clear()
 
   # ------------------------------------------------------------------- helpers
 
-  def _read_raw(self, name: str, index: int | None) -> np.ndarray:
-    """`_pread`, keeping the last result: HF's fused `gate_up_proj[i]` is read once for
-    the gate rows and again for the up rows. Callers must not modify what it returns."""
-    if self._last is None or self._last[0] != (name, index):
-      self._last = ((name, index), self._pread(name, index))
-    return self._last[1]
-
-  def _pread(self, name: str, index: int | None) -> np.ndarray:
-    """The stored values of `name` (or of its slice `index` on axis 0), in a fresh array."""
+  def _pread(self, name: str, index: Index) -> np.ndarray:
+    """The stored values of `tensor[index]`, a contiguous block, read into a fresh array."""
     file = self.location[name]
-    start, end = self._offsets[name]
-    shape = self.shapes[name]
-    if index is not None:
-      rows = shape[0]
-      shape = shape[1:]
-      start, end = start + index * (end - start) // rows, start + (index + 1) * (end - start) // rows
-    out = np.empty(shape, _NUMPY_DTYPES[self.dtypes[name]])
-    view = memoryview(out.reshape(-1).view(np.uint8))
-    if len(view) != end - start:
-      raise CheckpointError(f"tensor {name} in {file}: {end - start} bytes for shape "
+    first, end = self._offsets[name]
+    dtype = _NUMPY_DTYPES[self.dtypes[name]]
+    shape, start, size = _block(self.shapes[name], dtype.itemsize, index)
+    if first + start + size > end:
+      raise CheckpointError(f"tensor {name} in {file}: {end - first} bytes for shape "
                             f"{self.shapes[name]} {self.dtypes[name]}")
-    if file not in self._fds:
-      self._fds[file] = os.open(file, os.O_RDONLY)
+    out = np.empty(shape, dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    with self._lock:
+      if file not in self._fds:
+        self._fds[file] = os.open(file, os.O_RDONLY)
+      fd = self._fds[file]
     done = 0
-    while done < len(view):  # preadv may return short counts (e.g. above 2 GiB)
-      n = os.preadv(self._fds[file], [view[done:]], start + done)
+    while done < size:  # preadv may return short counts (e.g. above 2 GiB)
+      n = os.preadv(fd, [view[done:]], first + start + done)
       if n <= 0:
         raise CheckpointError(f"{file}: ends inside tensor {name} (truncated?)")
       done += n
     return out
 
-  def _scale(self, name: str, index: int | None) -> np.ndarray | None:
+  def _scale(self, name: str, index: Index) -> np.ndarray | None:
     """The multiplier(s) for `name` (or its slice `index`): one, or one per row of axis 0."""
     scale_name = self.scale_name(name)
     if scale_name not in self.location:
@@ -171,4 +198,5 @@ class SafetensorsSource:
     scale = self._scales[scale_name]
     if scale.size == 1 or index is None:
       return scale
-    return scale[index]  # one expert of a per-expert scale [E] / [E, 1, 1]
+    expert = index[0] if isinstance(index, tuple) else index
+    return scale[expert:expert + 1]  # one expert of a per-expert scale [E] / [E, 1, 1]

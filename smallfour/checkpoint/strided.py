@@ -52,6 +52,15 @@ def transpose(w: np.ndarray) -> np.ndarray:
   return contiguous(w.T)
 
 
+def lookup_into(dst: np.ndarray, table: np.ndarray, codes: np.ndarray) -> None:
+  """`dst[...] = table[codes]` (as bits) for a C-contiguous `dst`.
+
+  `codes` (uint8) may be a transposed view: transposing the 1-byte codes and then
+  looking them up into place is ~1.5x faster than looking up, then transposing 2 bytes.
+  """
+  np.take(table, contiguous(codes), out=_bits(dst), mode="clip")  # uint8: always in range
+
+
 def fp8_table(scale: np.ndarray | float, dtype: np.dtype) -> np.ndarray:
   """The 256 values `dtype(float32(code) · scale)` of the e4m3 codes, as stored bits.
 
