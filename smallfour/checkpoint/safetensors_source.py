@@ -73,6 +73,7 @@ class SafetensorsSource:
     self._offsets: dict[str, tuple[int, int]] = {}
     self._fds: dict[str, int] = {}
     self._lock = threading.Lock()  # reads may come from several threads
+    self._codes = strided.Scratch()
     self._scales: dict[str, np.ndarray] = {}
     for file in files:
       self._index_header(file)
@@ -147,14 +148,16 @@ class SafetensorsSource:
     """FP8 `tensor[index]` with one multiplier as (uint8 codes, `strided.fp8_table`).
 
     `table[codes]` is `read(...)`'s value; a caller can rearrange the 1-byte codes first
-    and look them up straight into its output. None for any other tensor.
+    and look them up straight into its output. The codes live in a per-thread buffer,
+    valid until the thread's next `read_lookup`. None for any other tensor.
     """
     if self.dtypes[name] != "F8_E4M3":
       return None
     scale = self._scale(name, index)
     if scale is None or scale.size != 1:
       return None
-    return self._pread(name, index).view(np.uint8), strided.fp8_table(scale[0], dtype)
+    codes = self._pread(name, index, self._codes.empty).view(np.uint8)
+    return codes, strided.fp8_table(scale[0], dtype)
 
   def release(self) -> None:
     """Closes the open files; later reads reopen them."""
@@ -165,8 +168,9 @@ class SafetensorsSource:
 
   # ------------------------------------------------------------------- helpers
 
-  def _pread(self, name: str, index: Index) -> np.ndarray:
-    """The stored values of `tensor[index]`, a contiguous block, read into a fresh array."""
+  def _pread(self, name: str, index: Index, empty: Callable[..., np.ndarray] = np.empty
+             ) -> np.ndarray:
+    """The stored values of `tensor[index]`, a contiguous block, read into `empty(...)`."""
     file = self.location[name]
     first, end = self._offsets[name]
     dtype = _NUMPY_DTYPES[self.dtypes[name]]
@@ -174,7 +178,7 @@ class SafetensorsSource:
     if first + start + size > end:
       raise CheckpointError(f"tensor {name} in {file}: {end - first} bytes for shape "
                             f"{self.shapes[name]} {self.dtypes[name]}")
-    out = np.empty(shape, dtype)
+    out = empty(shape, dtype)
     view = memoryview(out.reshape(-1).view(np.uint8))
     with self._lock:
       if file not in self._fds:

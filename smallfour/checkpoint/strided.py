@@ -9,6 +9,8 @@ its host->device copies run at ~0.8 GB/s and every new shape costs a compile.
 
 from __future__ import annotations
 
+import sys
+import threading
 from typing import Callable
 
 import ml_dtypes
@@ -16,6 +18,28 @@ import numpy as np
 
 _BLOCK_BYTES = 32  # destination run per row; measured best for 1, 2 and 4-byte elements
 _UINTS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+class Scratch(threading.local):
+  """A per-thread buffer handed out again and again (each `empty` reuses it).
+
+  Fresh pages cost ~0.6 ms/MB to fault in here (zeroed huge pages), and glibc hands
+  large freed blocks back to the kernel, so short-lived buffers are better reused.
+  """
+
+  def __init__(self):
+    self._buffer = np.empty(0, np.uint8)
+
+  def empty(self, shape, dtype) -> np.ndarray:
+    """An uninitialised `shape` array, valid until this thread's next `empty`."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if self._buffer.size < nbytes:
+      self._buffer = np.empty(nbytes, np.uint8)
+    return self._buffer[:nbytes].view(dtype).reshape(shape)
+
+
+_TRANSPOSED_CODES = Scratch()
 
 
 def _bits(x: np.ndarray) -> np.ndarray:
@@ -57,8 +81,17 @@ def lookup_into(dst: np.ndarray, table: np.ndarray, codes: np.ndarray) -> None:
 
   `codes` (uint8) may be a transposed view: transposing the 1-byte codes and then
   looking them up into place is ~1.5x faster than looking up, then transposing 2 bytes.
+  Codes are looked up in pairs, as uint16 indices into a 65536-entry table of value
+  pairs: numpy widens every index to intp first, so half the indices is ~1.9x faster.
   """
-  np.take(table, contiguous(codes), out=_bits(dst), mode="clip")  # uint8: always in range
+  codes, out = contiguous(codes, _TRANSPOSED_CODES.empty).reshape(-1), _bits(dst).reshape(-1)
+  wide = _UINTS.get(2 * out.itemsize)
+  if codes.size % 2 or wide is None or sys.byteorder != "little":
+    np.take(table, codes, out=out, mode="clip")  # uint8 indices: always in range
+    return
+  table = table.astype(wide)
+  pairs = (table[:, None] << (8 * out.itemsize) | table[None, :]).reshape(-1)  # [hi, lo]
+  np.take(pairs, codes.view(np.uint16), out=out.view(wide), mode="clip")
 
 
 def fp8_table(scale: np.ndarray | float, dtype: np.dtype) -> np.ndarray:
