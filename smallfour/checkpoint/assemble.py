@@ -66,7 +66,8 @@ def build_params(maps: Iterable[TensorMap], source: TensorSource,
   Expert slices (`write_index`) fill one preallocated array, so the transient memory is
   one expert's copy (per thread), not a whole stacked tensor. A source with
   `read_lookup` (FP8) hands over codes and a value table: the build rearranges the codes
-  and the table fills the output in one pass. Returns {path: C-contiguous array}.
+  and the table fills the output in one pass; with `read_transient`, slices are read
+  into a reused buffer, as they are copied out at once. Returns {path: C-contiguous array}.
   """
   maps = list(maps)
   check_shapes(maps, source)
@@ -76,6 +77,7 @@ def build_params(maps: Iterable[TensorMap], source: TensorSource,
     if m.path not in expected:
       raise AssertionError(f"key map targets {m.path}, which the model lacks")
   lookup = getattr(source, "read_lookup", None)
+  transient = getattr(source, "read_transient", None)
   out: dict[Path, np.ndarray] = {}
 
   def build(m: TensorMap) -> np.ndarray | None:
@@ -84,9 +86,14 @@ def build_params(maps: Iterable[TensorMap], source: TensorSource,
     shape = tuple(var.shape if m.write_index is None else var.shape[1:])
     coded = lookup(m.sources[0], m.read_index, var.dtype) if (
         lookup and len(m.sources) == 1) else None
+    raw = transient(m.sources[0], m.read_index, var.dtype) if (
+        coded is None and transient and m.write_index is not None and len(m.sources) == 1
+    ) else None
     if coded is not None:
       codes, table = coded
       value = m.build(codes)
+    elif raw is not None:
+      value = m.build(raw)
     else:
       value = m.build(*[source.read(name, m.read_index, var.dtype) for name in m.sources])
     if tuple(value.shape) != shape:  # a key-map bug, not a checkpoint problem

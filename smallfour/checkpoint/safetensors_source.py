@@ -73,7 +73,7 @@ class SafetensorsSource:
     self._offsets: dict[str, tuple[int, int]] = {}
     self._fds: dict[str, int] = {}
     self._lock = threading.Lock()  # reads may come from several threads
-    self._codes = strided.Scratch()
+    self._scratch = strided.Scratch()  # for reads copied out at once
     self._scales: dict[str, np.ndarray] = {}
     for file in files:
       self._index_header(file)
@@ -149,15 +149,24 @@ class SafetensorsSource:
 
     `table[codes]` is `read(...)`'s value; a caller can rearrange the 1-byte codes first
     and look them up straight into its output. The codes live in a per-thread buffer,
-    valid until the thread's next `read_lookup`. None for any other tensor.
+    valid until the thread's next `read_lookup` or `read_transient`. None for any other
+    tensor.
     """
     if self.dtypes[name] != "F8_E4M3":
       return None
     scale = self._scale(name, index)
     if scale is None or scale.size != 1:
       return None
-    codes = self._pread(name, index, self._codes.empty).view(np.uint8)
+    codes = self._pread(name, index, self._scratch.empty).view(np.uint8)
     return codes, strided.fp8_table(scale[0], dtype)
+
+  def read_transient(self, name: str, index: Index = None, dtype=np.float32
+                     ) -> np.ndarray | None:
+    """`read(...)` into the per-thread buffer `read_lookup` uses, for a caller that
+    copies the values out at once; None unless stored as `dtype`, without multiplier."""
+    if _NUMPY_DTYPES[self.dtypes[name]] != np.dtype(dtype) or self._scale(name, index) is not None:
+      return None
+    return self._pread(name, index, self._scratch.empty)
 
   def release(self) -> None:
     """Closes the open files; later reads reopen them."""
