@@ -21,7 +21,9 @@ the buffer until `on_done`), into the page cache, while the caller builds the ne
 Durability is one `fsync` per file: data files are synced in the background after each
 `flush()`, and everything (files, then directories) again in `close()`, so the disk runs
 while the caller works; tensorstore's per-write fsync (`file_io_sync`) is off, as it
-would serialise the writes behind the disk.
+would serialise the writes behind the disk. Synced data files are dropped from the page
+cache (a streaming writer's `nocache`): the next writes reuse those pages, where fresh
+ones cost this VM 2-3x the write's CPU time (0.4 vs 0.9-1.3 s of sys per 1.6 GB).
 """
 
 from __future__ import annotations
@@ -65,11 +67,13 @@ def _zarr3_metadata(shape: tuple[int, ...]) -> dict[str, Any]:
   }
 
 
-def fsync(path: str) -> None:
-  """fsync a file or directory by name."""
+def fsync(path: str, drop_cache: bool = False) -> None:
+  """fsync a file or directory by name; then, if asked, drop its (now clean) cached pages."""
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)
+    if drop_cache and hasattr(os, "posix_fadvise"):
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
   finally:
     os.close(fd)
 
@@ -221,7 +225,7 @@ class TreeWriter:
   def _sync_new_files(self) -> None:
     for file in _files_under(os.path.join(self._state, "d")):
       if file not in self._synced:
-        fsync(file)
+        fsync(file, drop_cache=True)
         self._synced.add(file)
 
   def _write_metadata(self) -> None:
