@@ -122,9 +122,10 @@ def test_killed_conversion_never_restores_and_rerun_succeeds(tmp_path):
   proc = subprocess.Popen([sys.executable, os.path.join(REPO, "launch", "convert.py"),
                            f"--src={tmp_path / 'src'}", f"--dst={dst}", "--dtype=float32"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  partial = tmp_path / "dst.partial" / "params" / "state" / "manifest.ocdbt"  # 1st array written
+  data = tmp_path / "dst.partial" / "params" / "state" / "d"  # the first commit's files
   deadline = time.time() + 120
-  while not partial.exists() and proc.poll() is None and time.time() < deadline:
+  while not (data.exists() and any(data.iterdir())) and proc.poll() is None and (
+      time.time() < deadline):
     time.sleep(0.005)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
