@@ -15,7 +15,8 @@ import torch
 from flax import nnx
 from safetensors.numpy import save_file
 
-from smallfour import sharding
+from smallfour import config as config_lib
+from smallfour import sharding, summary
 from smallfour.checkpoint import convert as convert_lib
 from smallfour.checkpoint import restore as restore_lib
 from smallfour.checkpoint import strided, tree
@@ -181,3 +182,13 @@ def test_reads_of_blocks(tmp_path):
     np.testing.assert_array_equal(source.read("a", index, a.dtype), want)
   np.testing.assert_array_equal(source.read("b", None, np.float32), tensors["b"])
   assert source.read_lookup("a", 1, np.float32) is None  # not FP8
+
+
+@pytest.mark.parametrize("dense", [0, 1, 3])
+def test_abstract_flat_equals_the_traced_model(dense):
+  cfg = config_lib.from_hf(hf_cfg().to_dict()).replace(num_layers=4, first_k_dense_replace=dense)
+  want = {path: (var.shape, var.dtype) for path, var in nnx.to_flat_state(
+      summary.abstract_params(cfg, jnp.bfloat16))}
+  got = {path: (var.shape, var.dtype) for path, var in convert_lib.abstract_flat(
+      cfg, jnp.bfloat16).items()}
+  assert got == want
