@@ -44,7 +44,8 @@ DTYPES = ("bfloat16", "float32")
 # parameter being built, peak memory stays about one layer.
 PENDING_FRACTION = 0.5
 # Expert slices are built on this many threads (numpy's copies and lookups release the
-# GIL). Measured on the 2-core CI VM: 1.7x on FP8 experts when the second core is free.
+# GIL). On the 2-core CI VM: 1.15-1.3x on building alone when the second core is free,
+# no difference while another job keeps it busy.
 BUILD_THREADS = min(2, os.cpu_count() or 1)
 
 
@@ -53,7 +54,8 @@ class _BufferPool:
 
   Touching fresh memory costs ~0.6 ms/MB here (page faults), as much as building the
   values into it; every decoder layer has the same shapes, so reusing the previous
-  layer's buffers takes that cost off all but the first.
+  layer's buffers takes that cost off all but the first. Used from one thread (the
+  writer's `on_done` runs on the caller's).
   """
 
   def __init__(self):
