@@ -1,5 +1,6 @@
 """Bad converter input: each error names its culprit and leaves no checkpoint behind."""
 
+import json
 import os
 import signal
 import subprocess
@@ -111,6 +112,17 @@ def test_destination_exists(tmp_path, reference):
   with pytest.raises(CheckpointError, match="already exists"):
     convert_lib.convert(str(src), str(tmp_path / "dst"), progress=False)
   assert os.listdir(tmp_path / "dst") == []
+
+
+def test_checkpoint_of_another_layout_version_is_refused(tmp_path, reference):
+  src = _hf(tmp_path, reference)
+  convert_lib.convert(str(src), str(tmp_path / "dst"), progress=False)
+  meta_file = tmp_path / "dst" / "smallfour_config.json"
+  meta = json.loads(meta_file.read_text())
+  assert meta["format_version"] == convert_lib.FORMAT_VERSION
+  meta_file.write_text(json.dumps({**meta, "format_version": 1}))
+  with pytest.raises(CheckpointError, match="format_version 1; this smallfour reads 2"):
+    restore_lib.restore_model(str(tmp_path / "dst"))
 
 
 def test_killed_conversion_never_restores_and_rerun_succeeds(tmp_path):

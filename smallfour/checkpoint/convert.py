@@ -37,6 +37,9 @@ from smallfour.checkpoint.orbax_writer import TreeWriter, fsync
 
 PARAMS_DIR = "params"
 STAGING_SUFFIX = ".partial"
+# Bumped when the stored parameter layout changes; restore refuses other versions.
+# 2: MLA `k_up` [H, R, Dn] and `v_up` [H, Dv, R] (head-major; 1 stored them [R, H, ·]).
+FORMAT_VERSION = 2
 DTYPES = ("bfloat16", "float32")
 
 # Bytes being written may reach this fraction of the largest layer (at least its largest
@@ -170,7 +173,7 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
     shutil.copyfile(ckpt.tokenizer, os.path.join(staging, "tekken.json"))
     fsync(os.path.join(staging, "tekken.json"))
   meta = {
-      "format_version": 1,
+      "format_version": FORMAT_VERSION,
       "text": cfg.to_dict(),
       "param_dtype": dtype,
       "source": {"kind": ckpt.kind, "path": os.path.abspath(src)},

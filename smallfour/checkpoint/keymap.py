@@ -70,9 +70,10 @@ def _attention_maps(cfg: TextConfig, dst: Path, names: dict[str, str]) -> list[T
   def q_b(w):  # [H·(Dn+Dr), Q] -> [Q, H, Dn+Dr]
     return transpose(w).reshape(q, h, dn + dr)
 
-  def kv_b(part):  # [H·(Dn+Dv), R] -> k_up [R, H, Dn] or v_up [R, H, Dv]
-    sl = slice(0, dn) if part == "k" else slice(dn, dn + dv)
-    return lambda w: w.reshape(h, dn + dv, r)[:, sl].transpose(2, 0, 1)
+  def kv_b(part):  # [H·(Dn+Dv), R] -> k_up [H, R, Dn] or v_up [H, Dv, R]
+    if part == "k":
+      return lambda w: w.reshape(h, dn + dv, r)[:, :dn].transpose(0, 2, 1)
+    return lambda w: w.reshape(h, dn + dv, r)[:, dn:]
 
   def o(w):  # [D, H·Dv] -> [H, Dv, D]
     return transpose(w).reshape(h, dv, d)

@@ -19,7 +19,7 @@ from smallfour import config as config_lib
 from smallfour import sharding
 from smallfour.checkpoint import tree
 from smallfour.checkpoint.assemble import CheckpointError
-from smallfour.checkpoint.convert import PARAMS_DIR, STAGING_SUFFIX
+from smallfour.checkpoint.convert import FORMAT_VERSION, PARAMS_DIR, STAGING_SUFFIX
 from smallfour.nn.decoder import Transformer
 
 
@@ -31,7 +31,12 @@ def read_metadata(ckpt_dir: str) -> dict[str, Any]:
       raise CheckpointError(f"{ckpt_dir}: the conversion into it did not finish; rerun it")
     raise CheckpointError(f"{ckpt_dir} is not a converted smallfour checkpoint (no {file})")
   with open(file) as f:
-    return json.load(f)
+    meta = json.load(f)
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise CheckpointError(
+        f"{ckpt_dir} was converted with format_version {meta.get('format_version')}; this "
+        f"smallfour reads {FORMAT_VERSION} (the parameter layout changed): convert it again")
+  return meta
 
 
 def read_config(ckpt_dir: str) -> config_lib.TextConfig:

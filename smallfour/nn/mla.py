@@ -1,9 +1,11 @@
 """Multi-head latent attention (DeepSeek-V3 style MLA), spec §2.3 and §2.7.
 
 Parameters are laid out so that both forms share one copy: `kv_b_proj` is stored as
-`k_up` (W_UK, [R, H, Dn]) and `v_up` (W_UV, [R, H, Dv]). The expanded form rebuilds
+`k_up` (W_UK, [H, R, Dn]) and `v_up` (W_UV, [H, Dv, R]). The expanded form rebuilds
 per-head keys and values from the latent (prefill); the absorbed form folds `k_up`
-into the query and applies `v_up` after attending over the latent (decode).
+into the query and applies `v_up` after attending over the latent (decode). Both are
+head-major because decode's head-batched products want exactly these layouts: stored
+[R, H, ·], XLA:CPU transposed both on every decode step.
 
 Names: B batch, S queries, T keys, D hidden, H heads, Q q_lora_rank, R kv_lora_rank,
 Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim.
@@ -39,8 +41,8 @@ class MLA(nnx.Module):
     self.q_b_proj = w((q, h, dn + dr), ("q_lora", "heads", "qk_head_dim"), q)
     self.kv_a_proj = w((d, r + dr), ("embed", "kv_lora_rope"), d)
     self.kv_a_norm = RMSNorm(r, eps=cfg.latent_norm_eps, param_dtype=param_dtype)
-    self.k_up = w((r, h, dn), ("kv_lora", "heads", "qk_nope_head_dim"), r)
-    self.v_up = w((r, h, dv), ("kv_lora", "heads", "v_head_dim"), r)
+    self.k_up = w((h, r, dn), ("heads", "kv_lora", "qk_nope_head_dim"), r)
+    self.v_up = w((h, dv, r), ("heads", "v_head_dim", "kv_lora"), r)
     self.o_proj = w((h, dv, d), ("heads", "v_head_dim", "embed"), h * dv)
 
   def queries(self, x: jax.Array, pos: PositionEncoding) -> tuple[jax.Array, jax.Array]:
@@ -115,10 +117,10 @@ class MLA(nnx.Module):
 
   def _head_major_keys(self, c: jax.Array, k_rope: jax.Array) -> tuple[jax.Array, jax.Array]:
     """c: [B, T, R], k_rope: [B, T, Dr] -> (k [B, H, T, Dn + Dr], v [B, H, T, Dv])."""
-    k_nope = jnp.einsum("btr,rhn->bhtn", c, self.k_up[...])
+    k_nope = jnp.einsum("btr,hrn->bhtn", c, self.k_up[...])
     rope = jnp.broadcast_to(k_rope[:, None], (*k_nope.shape[:3], k_rope.shape[-1]))
     return (jnp.concatenate([k_nope, rope.astype(k_nope.dtype)], axis=-1),
-            jnp.einsum("btr,rhv->bhtv", c, self.v_up[...]))
+            jnp.einsum("btr,hvr->bhtv", c, self.v_up[...]))
 
   def _attend_heads(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
                     ) -> jax.Array:
@@ -145,14 +147,14 @@ class MLA(nnx.Module):
     straight off the cache; values are c, lifted by W_UV after the sum. The latent
     products run in float32 so decode stays close to the expanded form.
     """
-    q_latent = jnp.einsum("bshn,rhn->bshr", q_nope, self.k_up[...], preferred_element_type=_F32)
+    q_latent = jnp.einsum("bshn,hrn->bshr", q_nope, self.k_up[...], preferred_element_type=_F32)
     q = jnp.concatenate([q_latent, q_rope.astype(_F32)], axis=-1)
     latent32 = latent.astype(_F32)
     scores = jnp.einsum("bshk,btk->bhst", q, latent32)
     probs = _masked_softmax(scores * self.softmax_scale, mask)
     # Summing the whole [c | k_rope] rows and dropping k_rope after reads the cache once.
     out_latent = jnp.einsum("bhst,btk->bshk", probs, latent32)[..., :self.latent_dim]
-    out = jnp.einsum("bshr,rhv->bshv", out_latent, self.v_up[...].astype(_F32))
+    out = jnp.einsum("bshr,hvr->bshv", out_latent, self.v_up[...].astype(_F32))
     return self.project_out(out.astype(latent.dtype))
 
 
