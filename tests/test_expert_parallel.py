@@ -1,4 +1,4 @@
-"""Expert parallelism: the same numbers on every mesh, every MoE implementation, 1 or 2 processes."""
+"""Expert parallelism: the same numbers on every mesh, MoE implementation and process count."""
 
 import json
 import os

@@ -264,7 +264,8 @@ class Engine:
 
     carry = (jnp.int32(1), cache, tokens, out, done, key)
     _, cache, _, out, _, _ = jax.lax.while_loop(cond, body, carry)
-    return *self._replicated(out), self._placed(cache)  # returning the cache lets XLA reuse the donated buffer
+    # Returning the cache lets XLA reuse the donated buffer.
+    return *self._replicated(out), self._placed(cache)
 
 
 def _trim(out: np.ndarray) -> list[list[int]]:
