@@ -13,6 +13,7 @@ traced under `jax.set_mesh` so the MoE runs expert-parallel.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator, Sequence
 
 import jax
@@ -152,12 +153,9 @@ class Engine:
     state = self.state
     if self.mesh is not None:
       state = jax.tree.map(spec, state, sharding.named_shardings(state, self.mesh))
-    width = self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim
-    shape = (self.cfg.num_layers, batch, self.max_len, width)
-    placed = (sharding.logical_sharding(CACHE_AXES, shape, self.mesh)
-              if self.mesh is not None else None)
-    cache = LatentCache(jax.ShapeDtypeStruct(shape, self.dtype, sharding=placed),
-                        jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=whole))
+    cache = jax.eval_shape(functools.partial(self._zeros_impl, batch=batch))
+    cache = LatentCache(spec(cache.latent, self._cache_sharding(cache.latent.shape)),
+                        spec(cache.lengths, whole))
     tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=whole)
     done = jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=whole)
     key = jax.eval_shape(lambda: jax.random.key(0))
@@ -206,12 +204,18 @@ class Engine:
     return tuple(jax.lax.with_sharding_constraint(v, sharding.replicated(self.mesh))
                  for v in values)
 
+  def _cache_sharding(self, shape) -> jax.sharding.NamedSharding | None:
+    """The latent's layout by the rule table (its batch split when it divides the mesh)."""
+    if self.mesh is None:
+      return None
+    return sharding.logical_sharding(CACHE_AXES, shape, self.mesh)
+
   def _placed(self, cache: LatentCache) -> LatentCache:
-    """The cache laid out by the rule table (its batch split when it divides the mesh)."""
+    """The cache constrained to `_cache_sharding`, its lengths replicated."""
     if self.mesh is None:
       return cache
-    latent = jax.lax.with_sharding_constraint(
-        cache.latent, sharding.logical_sharding(CACHE_AXES, cache.latent.shape, self.mesh))
+    latent = jax.lax.with_sharding_constraint(cache.latent,
+                                              self._cache_sharding(cache.latent.shape))
     return LatentCache(latent, *self._replicated(cache.lengths))
 
   # ------------------------------------------------------------- compiled parts
