@@ -136,6 +136,14 @@ def test_bad_requests_leave_the_engine_usable(tiny, prompts, max_new, match):
   assert len(engine.generate([[1, 2, 3]], 3)[0]) == 3
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_bad_seed_leaves_the_engine_usable(tiny, seed):
+  _, _, engine = tiny
+  with pytest.raises(RequestError, match=r"seed must be in \[0, 2\*\*32\)"):
+    list(engine.stream([[1, 2]], 2, seed=seed))
+  assert len(engine.generate([[1, 2, 3]], 3, seed=2**32 - 1)[0]) == 3
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(temperature=-0.1), "temperature must be >= 0"),
     (dict(temperature=1.0, top_p=0.0), r"top_p must lie in \(0, 1\]"),
