@@ -7,9 +7,16 @@ rope 32, nope 32, v 64, 64 experts top-4 + 1 shared, expert width 256, vocab 320
 float32; the same random weights are loaded into both. Measured:
   * decode tokens/s at batch 1 and 8 (64-token prompts, 64 new tokens, greedy), as
     63 / (time(64 new) - time(1 new)), so prefill is excluded on both sides;
-  * prefill time of a 1024-token prompt (compiled; compile time reported apart);
-  * the batch-1 memory-bandwidth roofline fraction: weight bytes one decode step must
-    read ÷ step time ÷ the machine's measured read bandwidth (jit'd sum of 512 MiB).
+  * prefill time of a 1024-token prompt (compiled; compile time reported apart). Both
+    sides compute what a generation needs: the cache and the last position's logits
+    (transformers' forward with `logits_to_keep=1`, as its `generate` does); its forward
+    with all 1024 positions' logits is reported too, as `transformers_all_logits_s`;
+  * rooflines on this machine: the decode steps' weight bytes (`summary.
+    decode_weight_bytes`) ÷ step time ÷ the measured read bandwidth (jit'd sum of
+    512 MiB), and the prefill's matmul FLOPs (`summary.prefill_flops`) ÷ time ÷ the
+    measured float32 matmul rate (the best of a few large jit'd GEMMs). `bounds` turns
+    them into the best tokens/s and prefill time the machine allows, and so the largest
+    ratio to transformers any implementation could reach here.
 Every time is the best of --repeats calls, on both sides (see `_best_seconds`).
 """
 
@@ -115,16 +122,17 @@ def prefill_seconds(hf, engine: Engine, repeats: int) -> dict[str, float]:
   prompt = np.random.default_rng(1).integers(2, 32000, LONG)
   ids = torch.as_tensor(prompt[None])
 
-  def hf_run():
+  def hf_run(logits_to_keep: int):
     with torch.no_grad():
-      hf(ids, use_cache=True)
+      hf(ids, use_cache=True, logits_to_keep=logits_to_keep)
 
-  hf_run()
+  hf_run(1)
   start = time.perf_counter()
   jax.block_until_ready(engine.prefill(list(prompt)))
   compile_s = time.perf_counter() - start
   ours = _best_seconds(lambda: jax.block_until_ready(engine.prefill(list(prompt))), repeats)
-  return {"smallfour_s": ours, "transformers_s": _best_seconds(hf_run, repeats),
+  return {"smallfour_s": ours, "transformers_s": _best_seconds(lambda: hf_run(1), repeats),
+          "transformers_all_logits_s": _best_seconds(lambda: hf_run(0), repeats),
           "smallfour_compile_s": compile_s}
 
 
@@ -136,11 +144,63 @@ def read_bandwidth() -> float:
   return x.nbytes / _best_seconds(lambda: total(x).block_until_ready(), 5)
 
 
-def weight_bytes_per_step(cfg: config_lib.TextConfig) -> int:
-  """Float32 weight bytes one batch-1 decode step must read: every non-routed weight,
-  the top-k routed experts, the LM head, one embedding row."""
-  counts = summary.param_counts(cfg)
-  return 4 * (counts["active_params_per_token"]["with_lm_head"] + cfg.hidden_size)
+def matmul_rate() -> float:
+  """FLOP/s of the fastest of a few large jit'd float32 GEMMs: the prefill roofline."""
+  best = 0.0
+  for m, k, n in ((1024, 1024, 4096), (2048, 1024, 1024), (1024, 4096, 1024)):
+    a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+    product = jax.jit(jnp.matmul)
+    product(a, b).block_until_ready()
+    best = max(best, 2 * m * k * n / _best_seconds(lambda: product(a, b).block_until_ready(), 5))
+  return best
+
+
+def rooflines(results: dict, cfg: config_lib.TextConfig, bandwidth: float, flop_rate: float
+              ) -> None:
+  """Adds the roofline fractions and the machine's bounds (see the module docstring)."""
+  for batch in (1, 8):
+    r = results[f"b{batch}"]
+    r["weight_bytes_per_step"] = summary.decode_weight_bytes(cfg, batch, 4)
+    bound_tok_s = batch * bandwidth / r["weight_bytes_per_step"]
+    results[f"roofline_fraction_b{batch}"] = r["smallfour_tok_s"] / bound_tok_s
+    results["bounds"][f"b{batch}_tok_s"] = bound_tok_s
+    results["bounds"][f"b{batch}_ratio"] = bound_tok_s / r["transformers_tok_s"]
+  p = results["prefill_1024"]
+  p["flops"] = summary.prefill_flops(cfg, LONG)
+  p["smallfour_gflop_s"] = p["flops"] / p["smallfour_s"] / 1e9
+  p["transformers_gflop_s"] = p["flops"] / p["transformers_s"] / 1e9
+  results["roofline_fraction_prefill"] = p["flops"] / p["smallfour_s"] / flop_rate
+  results["bounds"]["prefill_1024_s"] = p["flops"] / flop_rate
+  results["bounds"]["prefill_1024_ratio"] = p["transformers_s"] * flop_rate / p["flops"]
+
+
+def print_table(results: dict) -> None:
+  bounds = results["bounds"]
+  print(f"backend {results['backend']}, torch threads {results['torch_threads']}, "
+        f"read bandwidth {results['read_bandwidth_gb_s']:.1f} GB/s, "
+        f"float32 matmul {results['matmul_gflop_s']:.0f} GFLOP/s")
+  print(f"{'':<22}{'smallfour':>11}{'transformers':>14}{'ratio':>8}{'roofline':>10}"
+        f"{'ratio bound':>13}  kernel")
+  for batch in (1, 8):
+    r = results[f"b{batch}"]
+    print(f"{f'decode B={batch} tok/s':<22}{r['smallfour_tok_s']:>11.1f}"
+          f"{r['transformers_tok_s']:>14.1f}"
+          f"{r['smallfour_tok_s'] / r['transformers_tok_s']:>7.2f}x"
+          f"{results[f'roofline_fraction_b{batch}']:>10.0%}"
+          f"{bounds[f'b{batch}_ratio']:>12.2f}x  {r['moe_kernel']}")
+  p = results["prefill_1024"]
+  print(f"{'prefill 1024 s':<22}{p['smallfour_s']:>11.3f}{p['transformers_s']:>14.3f}"
+        f"{p['transformers_s'] / p['smallfour_s']:>7.2f}x"
+        f"{results['roofline_fraction_prefill']:>10.0%}"
+        f"{bounds['prefill_1024_ratio']:>12.2f}x  {p['moe_kernel']}")
+  print(f"transformers prefill with all 1024 positions' logits: "
+        f"{p['transformers_all_logits_s']:.3f} s")
+  print(f"compile s: decode B=1 {results['b1']['smallfour_compile_s']:.1f}, "
+        f"B=8 {results['b8']['smallfour_compile_s']:.1f}, prefill {p['smallfour_compile_s']:.1f}")
+  print(f"roofline: weight bytes per step {results['b1']['weight_bytes_per_step'] / 2**20:.0f}"
+        f" MiB (B=1), {results['b8']['weight_bytes_per_step'] / 2**20:.0f} MiB (B=8); "
+        f"prefill {p['flops'] / 1e9:.1f} GFLOP. 'ratio bound': the largest ratio this "
+        f"machine allows (roofline speed / transformers)")
 
 
 def main(argv):
@@ -163,27 +223,12 @@ def main(argv):
     }
   results["prefill_1024"] = prefill_seconds(hf, engine, _REPEATS.value)
   results["prefill_1024"]["moe_kernel"] = moe_kernels.select_kernel(LONG, jax.default_backend())
-  bandwidth = read_bandwidth()
-  step_s = 1 / results["b1"]["smallfour_tok_s"]
+  bandwidth, flop_rate = read_bandwidth(), matmul_rate()
   results["read_bandwidth_gb_s"] = bandwidth / 1e9
-  results["weight_bytes_per_step"] = weight_bytes_per_step(cfg)
-  results["roofline_fraction_b1"] = results["weight_bytes_per_step"] / step_s / bandwidth
-
-  print(f"backend {results['backend']}, torch threads {results['torch_threads']}, "
-        f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
-  print(f"{'':<22}{'smallfour':>12}{'transformers':>14}{'ratio':>8}  kernel")
-  for batch in (1, 8):
-    r = results[f"b{batch}"]
-    print(f"{f'decode B={batch} tok/s':<22}{r['smallfour_tok_s']:>12.1f}"
-          f"{r['transformers_tok_s']:>14.1f}"
-          f"{r['smallfour_tok_s'] / r['transformers_tok_s']:>7.2f}x  {r['moe_kernel']}")
-  p = results["prefill_1024"]
-  print(f"{'prefill 1024 s':<22}{p['smallfour_s']:>12.3f}{p['transformers_s']:>14.3f}"
-        f"{p['transformers_s'] / p['smallfour_s']:>7.2f}x  {p['moe_kernel']}")
-  print(f"compile s: decode B=1 {results['b1']['smallfour_compile_s']:.1f}, "
-        f"B=8 {results['b8']['smallfour_compile_s']:.1f}, prefill {p['smallfour_compile_s']:.1f}")
-  print(f"B=1 roofline: {results['weight_bytes_per_step'] / 2**20:.0f} MiB/step -> "
-        f"{results['roofline_fraction_b1']:.0%} of read bandwidth")
+  results["matmul_gflop_s"] = flop_rate / 1e9
+  results["bounds"] = {}
+  rooflines(results, cfg, bandwidth, flop_rate)
+  print_table(results)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(results, f, indent=2)

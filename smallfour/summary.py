@@ -1,4 +1,8 @@
-"""Parameter counts of a config, computed abstractly (nothing is allocated)."""
+"""What a config costs, computed abstractly (nothing is allocated): parameter counts,
+the weight bytes a decode step must read and the matmul FLOPs of a prefill.
+
+The last two are the denominators of the roofline figures in benchmarks/decode.py.
+"""
 
 from __future__ import annotations
 
@@ -47,3 +51,54 @@ def param_counts(cfg: TextConfig) -> dict[str, Any]:
           "with_embeddings": active + groups["lm_head"] + groups["embedding"],
       },
   }
+
+
+def expected_distinct_experts(cfg: TextConfig, batch: int) -> float:
+  """Distinct routed experts `batch` tokens touch in one MoE layer, in expectation.
+
+  Each token picks K of E experts; under uniform routing an expert is missed by all
+  `batch` tokens with probability (1 - K/E)^batch.
+  """
+  e, k = cfg.num_experts, cfg.num_experts_per_tok
+  return e * (1.0 - (1.0 - k / e) ** batch)
+
+
+def decode_weight_bytes(cfg: TextConfig, batch: int, bytes_per_param: int) -> float:
+  """Weight bytes one decode step of `batch` sequences must read from memory.
+
+  Every non-routed weight and the LM head once, one embedding row per sequence, and the
+  distinct routed experts the batch touches in each MoE layer
+  (`expected_distinct_experts`; exactly K at batch 1). Bytes read are shared by the batch,
+  which is why batched decode is cheaper per token until it turns compute-bound.
+  """
+  counts = param_counts(cfg)
+  moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+  per_expert = counts["routed_expert_params"] / max(1, moe_layers * cfg.num_experts)
+  non_routed = counts["total_params"] - counts["routed_expert_params"] - counts[
+      "embedding_params"]
+  params = (non_routed + batch * cfg.hidden_size
+            + moe_layers * expected_distinct_experts(cfg, batch) * per_expert)
+  return params * bytes_per_param
+
+
+def prefill_flops(cfg: TextConfig, tokens: int) -> int:
+  """Matmul FLOPs a causal prefill of one `tokens`-long prompt cannot avoid.
+
+  Every projection, attention over the T(T+1)/2 causal (query, key) pairs, the router,
+  K routed experts plus the shared experts per token (a dense MLP in the first
+  `first_k_dense_replace` layers), and the LM head at the last position only (all a
+  prefill needs to sample). Elementwise work (norms, RoPE, softmax, SwiGLU) is not counted.
+  """
+  t, d, h = tokens, cfg.hidden_size, cfg.num_heads
+  dq = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+  projections = (d * cfg.q_lora_rank + cfg.q_lora_rank * h * dq  # q_a, q_b
+                 + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # kv_a
+                 + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # k_up, v_up
+                 + h * cfg.v_head_dim * d)  # o_proj
+  pairs = t * (t + 1) // 2
+  attention = 2 * t * projections + 2 * pairs * h * (dq + cfg.v_head_dim)
+  moe_width = cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+  moe = 2 * t * (d * cfg.num_experts + 3 * d * moe_width)
+  dense = 2 * t * 3 * d * cfg.intermediate_size
+  layers = sum(moe if cfg.is_moe_layer(i) else dense for i in range(cfg.num_layers))
+  return cfg.num_layers * attention + layers + 2 * d * cfg.vocab_size

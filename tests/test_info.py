@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+from flax import nnx
+
 import configs
 from smallfour import summary
 
@@ -20,6 +23,26 @@ def test_release_counts():
       "with_lm_head": 6_095_717_376,
       "with_embeddings": 6_632_588_288,
   }
+
+
+def test_roofline_denominators_agree_with_the_parameter_count():
+  """A one-token prefill multiplies by every weight a token uses once (2 FLOPs each;
+  norm scales are not matmuls), plus one (query, key) pair per head; one decode step of
+  one sequence reads exactly those weights and one embedding row."""
+  cfg = configs.resolve("tiny")
+  active = summary.param_counts(cfg)["active_params_per_token"]["with_lm_head"]
+  norms = sum(v.size for path, v in nnx.to_flat_state(summary.abstract_params(cfg))
+              if any("norm" in str(p) for p in path))
+  pair = cfg.num_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+  assert summary.prefill_flops(cfg, 1) == 2 * (active - norms) + 2 * pair * cfg.num_layers
+  # Causal attention: the T-th token adds T (query, key) pairs per layer and head.
+  grow = summary.prefill_flops(cfg, 10) - summary.prefill_flops(cfg, 9)
+  assert grow == 2 * (active - norms - cfg.hidden_size * cfg.vocab_size) + (
+      2 * pair * 10 * cfg.num_layers)
+  assert summary.decode_weight_bytes(cfg, 1, 2) == 2 * (active + cfg.hidden_size)
+  assert summary.expected_distinct_experts(cfg, 1) == cfg.num_experts_per_tok
+  assert summary.expected_distinct_experts(cfg, 10_000) == pytest.approx(cfg.num_experts)
+  assert (summary.decode_weight_bytes(cfg, 8, 4) < 8 * summary.decode_weight_bytes(cfg, 1, 4))
 
 
 def _info(*flags):
