@@ -17,13 +17,14 @@ float32; the same random weights are loaded into both. Measured:
     measured float32 matmul rate (the best of a few large jit'd GEMMs). `bounds` turns
     them into the best tokens/s and prefill time the machine allows, and so the largest
     ratio to transformers any implementation could reach here.
-Every time is the best of --repeats calls, on both sides (see `_best_seconds`).
+Every time is the best of --repeats calls, the two sides interleaved (`_best_seconds`).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,43 +80,46 @@ def build_models():
   return hf, ours, cfg
 
 
-def _best_seconds(fn, repeats: int) -> float:
-  """The fastest of `repeats` timed calls, for both sides alike.
+def _best_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+  """The fastest of `repeats` timed calls of each function, the functions interleaved.
 
   On a shared VM interference only ever adds time, so the minimum is the stable estimate
-  of what the code costs (as `timeit` recommends); medians here drifted by 1.5x between
-  runs with other work on the machine.
+  of what code costs (as `timeit` recommends); medians here drifted by 1.5x between runs.
+  Interleaving (one call of each per round) lets both sides see the same machine: timed
+  one after the other, the ratio moved by up to 1.5x between runs when the VM slowed
+  down in between. A short pause between calls lets torch's OpenMP workers stop spinning
+  before the next side runs.
   """
-  times = []
+  times: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
+    for name, fn in fns.items():
+      time.sleep(0.05)
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: min(t) for name, t in times.items()}
 
 
-def hf_decode_tok_s(hf, prompts: np.ndarray, repeats: int) -> float:
-  ids = torch.as_tensor(prompts)
+def decode_tok_s(hf, engine: Engine, prompts: np.ndarray, repeats: int) -> dict[str, float]:
+  """Decode tokens/s of both sides as B·63 / (time(64 new) - time(1 new)): prefill cancels."""
+  ids, batch = torch.as_tensor(prompts), [list(p) for p in prompts]
 
-  def run(n):
+  def hf_run(n):
     with torch.no_grad():
       hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-  run(2)  # warm-up
-  t_full, t_one = _best_seconds(lambda: run(NEW), repeats), _best_seconds(lambda: run(1),
-                                                                               repeats)
-  return prompts.shape[0] * (NEW - 1) / (t_full - t_one)
-
-
-def ours_decode_tok_s(engine: Engine, prompts: np.ndarray, repeats: int) -> tuple[float, float]:
-  batch = [list(p) for p in prompts]
   start = time.perf_counter()
   engine.generate(batch, NEW)  # compiles prefill, insert, first-token and the loop
   compile_s = time.perf_counter() - start
   engine.generate(batch, 1)
-  t_full = _best_seconds(lambda: engine.generate(batch, NEW), repeats)
-  t_one = _best_seconds(lambda: engine.generate(batch, 1), repeats)
-  return prompts.shape[0] * (NEW - 1) / (t_full - t_one), compile_s
+  hf_run(2)  # warm-up
+  t = _best_seconds({"ours_new": lambda: engine.generate(batch, NEW),
+                     "ours_one": lambda: engine.generate(batch, 1),
+                     "hf_new": lambda: hf_run(NEW), "hf_one": lambda: hf_run(1)}, repeats)
+  tokens = prompts.shape[0] * (NEW - 1)
+  return {"smallfour_tok_s": tokens / (t["ours_new"] - t["ours_one"]),
+          "transformers_tok_s": tokens / (t["hf_new"] - t["hf_one"]),
+          "smallfour_compile_s": compile_s}
 
 
 def prefill_seconds(hf, engine: Engine, repeats: int) -> dict[str, float]:
@@ -130,10 +134,10 @@ def prefill_seconds(hf, engine: Engine, repeats: int) -> dict[str, float]:
   start = time.perf_counter()
   jax.block_until_ready(engine.prefill(list(prompt)))
   compile_s = time.perf_counter() - start
-  ours = _best_seconds(lambda: jax.block_until_ready(engine.prefill(list(prompt))), repeats)
-  return {"smallfour_s": ours, "transformers_s": _best_seconds(lambda: hf_run(1), repeats),
-          "transformers_all_logits_s": _best_seconds(lambda: hf_run(0), repeats),
-          "smallfour_compile_s": compile_s}
+  t = _best_seconds({"ours": lambda: jax.block_until_ready(engine.prefill(list(prompt))),
+                     "hf": lambda: hf_run(1), "hf_all": lambda: hf_run(0)}, repeats)
+  return {"smallfour_s": t["ours"], "transformers_s": t["hf"],
+          "transformers_all_logits_s": t["hf_all"], "smallfour_compile_s": compile_s}
 
 
 def read_bandwidth() -> float:
@@ -141,7 +145,7 @@ def read_bandwidth() -> float:
   x = jnp.ones((128, 1024, 1024), jnp.float32)
   total = jax.jit(jnp.sum)
   total(x).block_until_ready()
-  return x.nbytes / _best_seconds(lambda: total(x).block_until_ready(), 5)
+  return x.nbytes / _best_seconds({"sum": lambda: total(x).block_until_ready()}, 5)["sum"]
 
 
 def matmul_rate() -> float:
@@ -151,7 +155,8 @@ def matmul_rate() -> float:
     a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
     product = jax.jit(jnp.matmul)
     product(a, b).block_until_ready()
-    best = max(best, 2 * m * k * n / _best_seconds(lambda: product(a, b).block_until_ready(), 5))
+    seconds = _best_seconds({"gemm": lambda: product(a, b).block_until_ready()}, 5)["gemm"]
+    best = max(best, 2 * m * k * n / seconds)
   return best
 
 
@@ -214,13 +219,8 @@ def main(argv):
              "torch_threads": torch.get_num_threads()}
   for batch in (1, 8):
     prompts = rng.integers(2, 32000, (batch, PROMPT))
-    tok_s, compile_s = ours_decode_tok_s(engine, prompts, _REPEATS.value)
-    results[f"b{batch}"] = {
-        "smallfour_tok_s": tok_s,
-        "transformers_tok_s": hf_decode_tok_s(hf, prompts, _REPEATS.value),
-        "smallfour_compile_s": compile_s,
-        "moe_kernel": moe_kernels.select_kernel(batch, jax.default_backend()),
-    }
+    results[f"b{batch}"] = decode_tok_s(hf, engine, prompts, _REPEATS.value)
+    results[f"b{batch}"]["moe_kernel"] = moe_kernels.select_kernel(batch, jax.default_backend())
   results["prefill_1024"] = prefill_seconds(hf, engine, _REPEATS.value)
   results["prefill_1024"]["moe_kernel"] = moe_kernels.select_kernel(LONG, jax.default_backend())
   bandwidth, flop_rate = read_bandwidth(), matmul_rate()
