@@ -6,6 +6,7 @@ The last two are the denominators of the roofline figures in benchmarks/decode.p
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import jax.numpy as jnp
@@ -15,10 +16,41 @@ from smallfour.config import TextConfig
 from smallfour.nn.decoder import Transformer
 
 
-def abstract_params(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16) -> nnx.State:
-  """The parameter state of `cfg` as ShapeDtypeStructs, via `nnx.eval_shape`."""
+def traced_params(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16) -> nnx.State:
+  """The parameter state of `cfg` as ShapeDtypeStructs, by tracing the whole model.
+
+  The reference for `abstract_params`, but jax traces in time quadratic in depth
+  (0.27 s for 8 layers, 4 s for 36).
+  """
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))
   return nnx.state(model, nnx.Param)
+
+
+def abstract_flat(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16
+                  ) -> dict[tuple[Any, ...], nnx.Variable]:
+  """{path: abstract parameter} of `cfg`, equal to `traced_params` flattened.
+
+  A decoder layer's parameters depend only on whether it is a MoE layer, so this traces
+  the model up to its first layer of each kind and repeats their entries (0.1 s for 36
+  layers instead of 4).
+  """
+  first: dict[bool, int] = {}
+  for i in range(cfg.num_layers):
+    first.setdefault(cfg.is_moe_layer(i), i)
+  prefix = cfg.replace(num_layers=max(first.values(), default=-1) + 1)
+  traced = dict(nnx.to_flat_state(traced_params(prefix, param_dtype)))
+  flat = {path: var for path, var in traced.items() if path[0] != "layers"}
+  for i in range(cfg.num_layers):
+    like = ("layers", first[cfg.is_moe_layer(i)])
+    flat.update({("layers", i) + path[2:]: copy.copy(var) for path, var in traced.items()
+                 if path[:2] == like})
+  return flat
+
+
+def abstract_params(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16) -> nnx.State:
+  """The parameter state of `cfg` as ShapeDtypeStructs (nothing allocated), built from
+  `abstract_flat`."""
+  return nnx.from_flat_state(abstract_flat(cfg, param_dtype))
 
 
 def param_counts(cfg: TextConfig) -> dict[str, Any]:

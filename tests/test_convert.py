@@ -187,8 +187,9 @@ def test_reads_of_blocks(tmp_path):
 @pytest.mark.parametrize("dense", [0, 1, 3])
 def test_abstract_flat_equals_the_traced_model(dense):
   cfg = config_lib.from_hf(hf_cfg().to_dict()).replace(num_layers=4, first_k_dense_replace=dense)
-  want = {path: (var.shape, var.dtype) for path, var in nnx.to_flat_state(
-      summary.abstract_params(cfg, jnp.bfloat16))}
-  got = {path: (var.shape, var.dtype) for path, var in convert_lib.abstract_flat(
-      cfg, jnp.bfloat16).items()}
-  assert got == want
+  def described(flat):
+    return {path: (var.shape, var.dtype, var.get_metadata()) for path, var in flat}
+
+  want = described(nnx.to_flat_state(summary.traced_params(cfg, jnp.bfloat16)))
+  assert described(summary.abstract_flat(cfg, jnp.bfloat16).items()) == want
+  assert described(nnx.to_flat_state(summary.abstract_params(cfg, jnp.bfloat16))) == want

@@ -25,7 +25,6 @@ import weakref
 from typing import Any, Literal
 
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from smallfour import config as config_lib
@@ -84,26 +83,6 @@ class _BufferPool:
     self._free = {k: v for k, v in self._free.items() if k in keys}
 
 
-def abstract_flat(cfg: config_lib.TextConfig, dtype: np.dtype) -> dict[Path, Any]:
-  """{path: abstract parameter} of the model, as `summary.abstract_params` flattened.
-
-  jax traces the whole model in time quadratic in its depth (0.27 s for 8 layers, 4 s
-  for 36); a decoder layer's parameters depend only on whether it is a MoE layer, so
-  this traces the model up to its first layer of each kind and repeats their entries.
-  """
-  first = {}
-  for i in range(cfg.num_layers):
-    first.setdefault(cfg.is_moe_layer(i), i)
-  prefix = cfg.replace(num_layers=max(first.values(), default=-1) + 1)
-  traced = dict(nnx.to_flat_state(summary.abstract_params(prefix, dtype)))
-  flat = {path: var for path, var in traced.items() if path[0] != "layers"}
-  for i in range(cfg.num_layers):
-    like = ("layers", first[cfg.is_moe_layer(i)])
-    flat.update({("layers", i) + path[2:]: var for path, var in traced.items()
-                 if path[:2] == like})
-  return flat
-
-
 def _nbytes(var: Any) -> int:
   return int(np.prod(var.shape)) * np.dtype(var.dtype).itemsize
 
@@ -144,7 +123,7 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
     logging.warning("removing %s left by an unfinished conversion", staging)
     shutil.rmtree(staging)
   os.makedirs(staging)
-  flat = abstract_flat(cfg, np.dtype(dtype))
+  flat = summary.abstract_flat(cfg, np.dtype(dtype))
   groups = [_by_path(g) for g in ckpt.maps]
   group_bytes = [sum(_nbytes(flat[p]) for p in g) for g in groups]
   largest = max(_nbytes(flat[p]) for g in groups for p in g)
