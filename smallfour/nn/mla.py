@@ -134,10 +134,11 @@ class MLA(nnx.Module):
         keep = k_valid[:, None, cols]  # [B, 1, chunk]
         if j == i:
           keep = keep & (jnp.arange(cols.start, cols.stop)[None, None] <= q_pos[:, rows, None])
-        s = jnp.einsum("bhsd,bhtd->bhst", q, keys[j][0], preferred_element_type=_F32)
-        scores.append(jnp.where(keep[:, None], s * self.softmax_scale, jnp.finfo(_F32).min))
-      top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
-      probs = [jnp.exp(s - top) for s in scores]
+        block = jnp.einsum("bhsd,bhtd->bhst", q, keys[j][0], preferred_element_type=_F32)
+        scores.append(jnp.where(keep[:, None], block * self.softmax_scale,
+                                jnp.finfo(_F32).min))
+      top = functools.reduce(jnp.maximum, [b.max(-1, keepdims=True) for b in scores])
+      probs = [jnp.exp(b - top) for b in scores]
       total = sum(p.sum(-1, keepdims=True) for p in probs)  # [B, H, chunk, 1]
       out = sum(jnp.einsum("bhst,bhtv->bhsv", p.astype(v.dtype), v).astype(_F32)
                 for p, (_, v) in zip(probs, keys))
