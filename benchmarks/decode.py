@@ -163,20 +163,21 @@ def matmul_rate() -> float:
 def rooflines(results: dict, cfg: config_lib.TextConfig, bandwidth: float, flop_rate: float
               ) -> None:
   """Adds the roofline fractions and the machine's bounds (see the module docstring)."""
+  bounds = results["bounds"] = {}
   for batch in (1, 8):
     r = results[f"b{batch}"]
     r["weight_bytes_per_step"] = summary.decode_weight_bytes(cfg, batch, 4)
     bound_tok_s = batch * bandwidth / r["weight_bytes_per_step"]
     results[f"roofline_fraction_b{batch}"] = r["smallfour_tok_s"] / bound_tok_s
-    results["bounds"][f"b{batch}_tok_s"] = bound_tok_s
-    results["bounds"][f"b{batch}_ratio"] = bound_tok_s / r["transformers_tok_s"]
+    bounds[f"b{batch}_tok_s"] = bound_tok_s
+    bounds[f"b{batch}_ratio"] = bound_tok_s / r["transformers_tok_s"]
   p = results["prefill_1024"]
   p["flops"] = summary.prefill_flops(cfg, LONG)
   p["smallfour_gflop_s"] = p["flops"] / p["smallfour_s"] / 1e9
   p["transformers_gflop_s"] = p["flops"] / p["transformers_s"] / 1e9
   results["roofline_fraction_prefill"] = p["flops"] / p["smallfour_s"] / flop_rate
-  results["bounds"]["prefill_1024_s"] = p["flops"] / flop_rate
-  results["bounds"]["prefill_1024_ratio"] = p["transformers_s"] * flop_rate / p["flops"]
+  bounds["prefill_1024_s"] = p["flops"] / flop_rate
+  bounds["prefill_1024_ratio"] = p["transformers_s"] * flop_rate / p["flops"]
 
 
 def print_table(results: dict) -> None:
@@ -226,7 +227,6 @@ def main(argv):
   bandwidth, flop_rate = read_bandwidth(), matmul_rate()
   results["read_bandwidth_gb_s"] = bandwidth / 1e9
   results["matmul_gflop_s"] = flop_rate / 1e9
-  results["bounds"] = {}
   rooflines(results, cfg, bandwidth, flop_rate)
   print_table(results)
   if _JSON.value:
