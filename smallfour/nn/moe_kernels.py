@@ -15,8 +15,8 @@ whatever the routing. Matmuls accumulate in float32; the SwiGLU hidden is cast t
 activation dtype before the down projection (the usual mixed-precision contract).
 
   sorted_blocks  XLA:CPU, every N: rows sorted by expert into fixed-size blocks, one
-                 matmul chain per *used* block (dynamic trip count) on weights sliced in
-                 place, so padding blocks and foreign rows cost nothing.
+                 matmul chain per *used* block (dynamic trip count) on that block's
+                 expert, so padding blocks and foreign rows cost nothing.
   gather         gathers the K selected experts' weights per token ([N, K, D, F] copies);
                  meant for decode, but on XLA:CPU sorted_blocks is faster even at N=1.
   ragged_dot     rows sorted by expert, `jax.lax.ragged_dot` (the GPU/TPU grouped matmul).
@@ -144,7 +144,8 @@ def sorted_blocks(gate: jax.Array, up: jax.Array, down: jax.Array, x: jax.Array,
   starting on a block boundary, so a block belongs to exactly one expert. Even all R rows
   on one expert fit: dropless for any routing. A while loop then runs one block per
   iteration over the blocks actually used (a dynamic count): gather the block's B token
-  rows, SwiGLU through its expert's weights (sliced in place, no [blocks, D, F] copy),
+  rows, SwiGLU through its expert's weights (one expert sliced per block, never a
+  [blocks, D, F] gather; XLA:CPU still copies each slice before its dot),
   weight, scatter-add into the [N, D] float32 output. Unused padding blocks cost nothing,
   and neither do foreign rows, so a shard only pays for its own experts' rows.
 
@@ -224,7 +225,7 @@ KERNELS: dict[str, Kernel] = {
 # Largest token count for which `gather` beats `sorted_blocks` on XLA:CPU: none. At the
 # decode-benchmark shape (benchmarks/moe_kernels.py) sorted_blocks with B=1 is already
 # faster for one token (~0.8 vs ~1.4 ms): gather copies the N·K experts' weights before
-# reading them, the loop reads them in place. Raise this to route small N to gather.
+# reading them, the loop slices one expert per block. Raise this to route small N to gather.
 CPU_GATHER_MAX_TOKENS = 0
 
 
