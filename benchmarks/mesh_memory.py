@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import configs  # noqa: E402
+from smallfour import configs  # noqa: E402
 from smallfour import sharding, summary  # noqa: E402
 from smallfour.inference.engine import CACHE_AXES, Engine  # noqa: E402
 from smallfour.nn.decoder import Transformer  # noqa: E402

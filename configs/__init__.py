@@ -3,7 +3,7 @@
 import os
 from typing import Callable
 
-from configs import small4_119b, tiny
+from smallfour.configs import small4_119b, tiny
 from smallfour import config as config_lib
 
 PRESETS: dict[str, Callable[[], config_lib.TextConfig]] = {

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-import configs
+from smallfour import configs
 from smallfour import distributed, sharding
 from smallfour.checkpoint import restore
 from smallfour.checkpoint.assemble import CheckpointError

@@ -8,7 +8,7 @@ import json
 
 from absl import app, flags
 
-import configs
+from smallfour import configs
 from smallfour import summary
 from smallfour.config import ConfigError
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import Mistral3Config, Mistral4Config
 
-import configs
+from smallfour import configs
 from smallfour import config as config_lib
 from smallfour.config import ConfigError
 

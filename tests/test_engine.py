@@ -7,7 +7,7 @@ import pytest
 import torch
 from flax import nnx
 
-import configs
+from smallfour import configs
 from smallfour import config as config_lib
 from smallfour.checkpoint import assemble, keymap
 from smallfour.inference import forward

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import configs
+from smallfour import configs
 from smallfour import config as config_lib
 from smallfour import sharding
 from smallfour.checkpoint import assemble, keymap

@@ -9,7 +9,7 @@ import os
 
 from flax import nnx
 
-import configs
+from smallfour import configs
 from smallfour import sharding, summary
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "small4_119b_specs.json")

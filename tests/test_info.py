@@ -8,7 +8,7 @@ import sys
 import pytest
 from flax import nnx
 
-import configs
+from smallfour import configs
 from smallfour import summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import configs.tiny
+from smallfour.configs import tiny as tiny_preset
 from smallfour.nn import moe, moe_kernels
 
 KERNELS = sorted(moe_kernels.KERNELS)
@@ -25,7 +25,7 @@ def make_experts(num_experts: int, seed: int = 0,
                  param_dtype: jnp.dtype = jnp.float32) -> moe.RoutedExperts:
   """A RoutedExperts module with N(0, 1/fan_in) weights drawn by numpy (eager jax random
   init compiles per shape, which dominated this file's run time)."""
-  cfg = configs.tiny.get_config().replace(
+  cfg = tiny_preset.get_config().replace(
       num_experts=num_experts, hidden_size=D, moe_intermediate_size=F, n_group=1,
       topk_group=1)
   experts = nnx.eval_shape(

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import configs
+from smallfour import configs
 from smallfour import sharding, summary
 from smallfour.nn import params
 

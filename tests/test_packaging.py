@@ -1,0 +1,77 @@
+"""A regular (non-editable) install is complete and runs from outside the repository.
+
+The editable install of the README hides missing packages (a folder without
+`__init__.py`, a package left out of setup.cfg). This builds the wheel, checks that it
+holds every module of the source tree, installs it into a scratch venv and runs the
+launchers from another directory against it.
+"""
+
+import os
+import pathlib
+import site
+import subprocess
+import sys
+import venv
+import zipfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Source folder -> the package it installs as (configs/ is smallfour.configs, see setup.cfg).
+SOURCES = {"smallfour": "smallfour", "configs": "smallfour/configs"}
+
+
+def _source_modules() -> set[str]:
+  modules = set()
+  for folder, installed in SOURCES.items():
+    for file in (ROOT / folder).rglob("*.py"):
+      modules.add(f"{installed}/{file.relative_to(ROOT / folder).as_posix()}")
+  return modules
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> pathlib.Path:
+  out = tmp_path_factory.mktemp("wheel")
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                  "-q", "-w", str(out), str(ROOT)], check=True, capture_output=True)
+  (path,) = out.glob("smallfour-*.whl")
+  return path
+
+
+def test_wheel_holds_every_module(wheel):
+  names = set(zipfile.ZipFile(wheel).namelist())
+  missing = sorted(_source_modules() - names)
+  assert not missing, f"the wheel lacks {missing}: add their packages to setup.cfg"
+  assert not any(n.startswith("configs/") for n in names), "configs must not install top-level"
+
+
+@pytest.mark.slow
+def test_installed_wheel_runs_outside_the_repository(wheel, tmp_path):
+  env_dir = tmp_path / "venv"
+  venv.create(env_dir, with_pip=False)
+  python = env_dir / "bin" / "python"
+  purelib = subprocess.check_output(
+      [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True)
+  # The dependencies come from this interpreter's site-packages as plain path entries:
+  # that dir's .pth files (among them the editable install's import hook) are not run,
+  # so `smallfour` can only come from the wheel.
+  pathlib.Path(purelib.strip(), "deps.pth").write_text("\n".join(site.getsitepackages()))
+  subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q",
+                  "--target", purelib.strip(), str(wheel)], check=True, capture_output=True)
+  work = tmp_path / "elsewhere"
+  work.mkdir()
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+  modules = sorted(m[:-3].replace("/", ".").removesuffix(".__init__")
+                   for m in _source_modules())
+  check = ("import importlib, smallfour\n"
+           f"assert smallfour.__file__.startswith({str(env_dir)!r}), smallfour.__file__\n"
+           f"for m in {modules!r}: importlib.import_module(m)\n")
+  run = lambda *args: subprocess.run(  # noqa: E731
+      [python, *args], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+  imported = run("-c", check)
+  assert imported.returncode == 0, imported.stderr[-3000:]
+  for launcher, *flags in (("info.py", "--config=tiny"),
+                           ("generate.py", "--config=tiny", "--prompt_ids=1,2,3",
+                            "--max_new_tokens=2")):
+    result = run(str(ROOT / "launch" / launcher), *flags)
+    assert result.returncode == 0, f"{launcher}: {result.stderr[-3000:]}"
