@@ -8,6 +8,7 @@ launchers from another directory against it.
 
 import os
 import pathlib
+import shutil
 import site
 import subprocess
 import sys
@@ -31,9 +32,14 @@ def _source_modules() -> set[str]:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> pathlib.Path:
-  out = tmp_path_factory.mktemp("wheel")
+  # From a clean copy: setuptools reuses a stale build/ folder of the checkout.
+  src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+  for name in ("setup.cfg", "pyproject.toml", "README.md"):
+    shutil.copy(ROOT / name, src)
+  for folder in SOURCES:
+    shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
   subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                  "-q", "-w", str(out), str(ROOT)], check=True, capture_output=True)
+                  "-q", "-w", str(out), str(src)], check=True, capture_output=True)
   (path,) = out.glob("smallfour-*.whl")
   return path
 
