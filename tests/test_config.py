@@ -1,13 +1,16 @@
 """Config readers, presets and their errors."""
 
+import copy
+import dataclasses
 import json
 
 import pytest
 from transformers import Mistral3Config, Mistral4Config
 
-from smallfour import configs
+from smallfour import config_files, config_formats, configs
 from smallfour import config as config_lib
 from smallfour.config import ConfigError
+from tests import oracle
 
 # The release's params.json as spec §6.1 reconstructs it.
 RELEASE_PARAMS = {
@@ -23,6 +26,16 @@ RELEASE_PARAMS = {
             "expert_hidden_dim": 2048, "num_shared_experts": 1, "route_every_n": 1},
     "quantization": {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"},
 }
+# The release's config.json: transformers' Mistral4Config defaults, in the Mistral3 wrapper.
+RELEASE_CONFIG = Mistral3Config(text_config=Mistral4Config().to_dict(),
+                                tie_word_embeddings=False).to_dict()
+# The oracle configs the converter tests build (test_convert.py, test_convert_errors.py).
+ORACLE_OVERRIDES = [{}, dict(num_hidden_layers=3, first_k_dense_replace=1, n_group=2, topk_group=1,
+                             n_shared_experts=2, routed_scaling_factor=1.3),
+                    dict(num_hidden_layers=2, first_k_dense_replace=1)]
+CONFIGS = [configs.resolve(name) for name in ("small4_119b", "tiny")] + [
+    config_lib.from_hf(oracle.hf_config(**kw).to_dict()) for kw in ORACLE_OVERRIDES]
+FOLD, PLAIN = "hf_mscale_fold", "plain"
 
 
 def test_presets():
@@ -103,7 +116,8 @@ def test_resolve_directories(tmp_path):
 
 
 def test_unknown_preset():
-  with pytest.raises(ConfigError, match=r"--config='smol' is neither a preset \(small4_119b, tiny\)"):
+  with pytest.raises(ConfigError,
+                     match=r"--config='smol' is neither a preset \(small4_119b, tiny\)"):
     configs.resolve("smol")
 
 
@@ -111,3 +125,157 @@ def test_eos_may_be_absent():
   d = Mistral4Config().to_dict()
   d["eos_token_id"] = None
   assert config_lib.from_hf(d).eos_token_id is None
+
+
+# ------------------------------------------------------------------ writers
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("mode", [PLAIN, FOLD])
+def test_params_json_round_trip(cfg, mode):
+  cfg = cfg.replace(softmax_scale_mode=mode)
+  params = json.loads(json.dumps(config_formats.to_params(cfg)))
+  # params.json leaves the token ids to tekken.json; its reader takes Mistral's.
+  assert config_lib.from_params(params) == cfg.replace(bos_token_id=1, eos_token_id=2,
+                                                       pad_token_id=11)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_config_json_round_trip(cfg):
+  """config.json cannot say `plain` while mscale_all_dim is set: transformers folds then."""
+  with pytest.raises(ConfigError, match="cannot hold softmax_scale_mode='plain' with "
+                     "mscale_all_dim=1.0: transformers reads 'hf_mscale_fold'"):
+    config_formats.to_hf(cfg.replace(softmax_scale_mode=PLAIN))
+  cfg = cfg.replace(softmax_scale_mode=FOLD)
+  hf = json.loads(json.dumps(config_formats.to_hf(cfg)))
+  assert config_lib.from_hf(hf) == cfg
+  assert config_lib.from_hf(Mistral4Config(**hf).to_dict()) == cfg
+  no_fold = cfg.replace(rope=dataclasses.replace(cfg.rope, mscale_all_dim=0.0),
+                        softmax_scale_mode=PLAIN)
+  assert config_lib.from_hf(config_formats.to_hf(no_fold)) == no_fold
+
+
+@pytest.mark.parametrize("overrides", ORACLE_OVERRIDES)
+def test_config_json_is_what_transformers_reads(overrides):
+  want = oracle.hf_config(**overrides)
+  hf = config_formats.to_hf(config_lib.from_hf(want.to_dict()))
+  got = Mistral4Config(**hf)
+  for key in set(hf) - {"rope_parameters"}:
+    assert getattr(got, key) == getattr(want, key), key
+  for key in set(hf["rope_parameters"]) & set(want.rope_parameters):
+    assert got.rope_parameters[key] == want.rope_parameters[key], key
+
+
+def test_writers_give_the_release_files():
+  preset = configs.resolve("small4_119b")
+  release = copy.deepcopy(RELEASE_PARAMS)
+  del release["quantization"], release["moe"]["route_every_n"]  # no TextConfig field
+  assert config_formats.to_params(preset) == release
+  got = Mistral4Config(**config_formats.to_hf(preset.replace(softmax_scale_mode=FOLD))).to_dict()
+  want = Mistral4Config().to_dict()
+  assert {k: v for k, v in got.items() if k != "rope_parameters"} == {
+      k: v for k, v in want.items() if k != "rope_parameters"}
+  common = set(got["rope_parameters"]) & set(want["rope_parameters"])
+  assert {k: got["rope_parameters"][k] for k in common} == {
+      k: want["rope_parameters"][k] for k in common}
+
+
+@pytest.mark.parametrize("writer, change, message", [
+    ("to_params", dict(latent_norm_eps=1e-5),
+     "params.json holds rms_norm_eps and latent_norm_eps in one field, norm_eps"),
+    ("to_params", dict(norm_topk_prob=False), "params.json cannot hold norm_topk_prob=False"),
+    ("to_params", dict(rope=dict(attention_factor=1.2)),
+     r"params.json cannot hold rope.attention_factor=1.2 \(its readers assume 1.0\)"),
+    ("to_hf", dict(latent_norm_eps=1e-5), "config.json cannot hold latent_norm_eps=1e-05"),
+    ("to_hf", dict(rope=dict(llama_4_original_max_position_embeddings=4096)),
+     "holds rope.original_max_position_embeddings and "
+     "rope.llama_4_original_max_position_embeddings in one field"),
+    ("to_hf", dict(rope=dict(beta_fast=0.0)),
+     r"cannot hold rope.beta_fast=0.0 \(read back as 32.0"),
+])
+def test_writers_refuse_what_their_format_cannot_hold(writer, change, message):
+  cfg = configs.resolve("small4_119b").replace(softmax_scale_mode=FOLD)
+  if "rope" in change:
+    change = dict(rope=dataclasses.replace(cfg.rope, **change["rope"]))
+  with pytest.raises(ConfigError, match=message):
+    getattr(config_formats, writer)(cfg.replace(**change))
+
+
+# ------------------------------------------------------- params.json details
+
+
+def _params(**changes):
+  params = copy.deepcopy(RELEASE_PARAMS)
+  for path, value in changes.items():
+    *parents, leaf = path.split("__")
+    node = params
+    for part in parents:
+      node = node[part]
+    if value is None:
+      del node[leaf]
+    else:
+      node[leaf] = value
+  return params
+
+
+def test_params_json_defaults():
+  preset = configs.resolve("small4_119b")
+  # No apply_scale: plain, as Mistral's stack reads it.
+  assert config_lib.from_params(_params(yarn__apply_scale=None)) == preset
+  with pytest.raises(ConfigError, match="params.json:yarn: apply_scale='false' is not true"):
+    config_lib.from_params(_params(yarn__apply_scale="false"))
+  # No context length: YaRN's window (factor x original), or the older max_seq_len.
+  small = _params(max_position_embeddings=None, yarn__factor=4)
+  assert config_lib.from_params(small).max_position_embeddings == 4 * 8192
+  small["max_seq_len"] = 1000
+  assert config_lib.from_params(small).max_position_embeddings == 1000
+  with pytest.raises(ConfigError, match=r"params.json:moe: route_every_n=2 is not supported"):
+    config_lib.from_params(_params(moe__route_every_n=2))
+
+
+def test_params_json_unknown_fields_warn(recwarn):
+  config_lib.from_params(dict(RELEASE_PARAMS, vision_encoder={"hidden_size": 1024},
+                              moe=dict(RELEASE_PARAMS["moe"], expert_parallel=1)))
+  assert not recwarn.list  # the release's other fields are known
+  with pytest.warns(UserWarning, match=r"params.json: ignoring unknown fields lora, moe.jitter"):
+    config_lib.from_params(_params(lora={"rank": 8}, moe__jitter=0.1))
+
+
+# ------------------------------------------------------- the hub's two files
+
+
+def test_hub_pair_reads_as_mistral():
+  preset = configs.resolve("small4_119b")
+  assert config_formats.from_hub(RELEASE_CONFIG, RELEASE_PARAMS) == preset
+  folded = _params(yarn__apply_scale=True)
+  assert config_formats.from_hub(RELEASE_CONFIG, folded).softmax_scale_mode == FOLD
+  # Token ids come from config.json, and a context length params.json leaves out.
+  hf = Mistral4Config(pad_token_id=0, max_position_embeddings=262144).to_dict()
+  got = config_formats.from_hub(hf, _params(max_position_embeddings=None))
+  assert (got.pad_token_id, got.max_position_embeddings) == (0, 262144)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_hidden_layers=35), "disagree on num_layers: n_layers=36 vs num_hidden_layers=35"),
+    (dict(n_routed_experts=64), "disagree on num_experts: moe.num_experts=128 vs n_routed_exp"),
+    (dict(max_position_embeddings=262144), "disagree on max_position_embeddings"),
+    # transformers' plain-scale workaround also rescales cos/sin, which Mistral's stack does not.
+    (dict(rope=dict(mscale_all_dim=0.0)), "disagree on rope.attention_factor: \\(implied\\)=1.0"),
+    (dict(rope=dict(llama_4_scaling_beta=0.0)), "disagree on rope.llama_4_scaling_beta"),
+])
+def test_hub_pair_must_agree(change, message):
+  hf = Mistral4Config().to_dict()
+  hf["rope_parameters"].update(change.pop("rope", {}))
+  hf.update(change)
+  with pytest.raises(ConfigError, match=f"params.json and config.json {message}"):
+    config_formats.from_hub(hf, RELEASE_PARAMS)
+
+
+def test_directory_with_both_files(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps(RELEASE_CONFIG))
+  assert configs.resolve(str(tmp_path)).softmax_scale_mode == FOLD  # config.json alone
+  (tmp_path / "params.json").write_text(json.dumps(RELEASE_PARAMS))
+  assert configs.resolve(str(tmp_path)) == configs.resolve("small4_119b")
+  note = config_files.read_release_dir(str(tmp_path)).describe()
+  assert note == ("config from params.json, cross-checked with config.json; "
+                  "softmax_scale_mode=plain: params.json yarn.apply_scale=false")
