@@ -30,6 +30,7 @@ import numpy as np
 from absl import app, flags
 from safetensors.numpy import save_file
 
+from smallfour import config_formats
 from smallfour.checkpoint import keymap
 from smallfour.config import RopeConfig, TextConfig
 
@@ -85,42 +86,14 @@ def write_source(directory: str, cfg: TextConfig, kind: str) -> int:
   index = "consolidated.safetensors.index.json" if native else "model.safetensors.index.json"
   with open(os.path.join(directory, index), "w") as f:
     json.dump({"weight_map": weight_map}, f)
-  with open(os.path.join(directory, "params.json" if native else "config.json"), "w") as f:
-    json.dump(_native_params(cfg) if native else _hf_config(cfg), f)
+  if native:
+    name, config = "params.json", config_formats.to_params(cfg)
+  else:  # config.json alone implies transformers' folded scale (no matter to the timing)
+    name = "config.json"
+    config = config_formats.to_hf(cfg.replace(softmax_scale_mode="hf_mscale_fold"))
+  with open(os.path.join(directory, name), "w") as f:
+    json.dump(config, f)
   return sum(os.path.getsize(os.path.join(directory, n)) for n in os.listdir(directory))
-
-
-def _hf_config(cfg: TextConfig) -> dict:
-  r = cfg.rope
-  return {
-      "model_type": "mistral4", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-      "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-      "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,
-      "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
-      "v_head_dim": cfg.v_head_dim, "n_routed_experts": cfg.num_experts,
-      "num_experts_per_tok": cfg.num_experts_per_tok, "n_shared_experts": cfg.n_shared_experts,
-      "moe_intermediate_size": cfg.moe_intermediate_size,
-      "intermediate_size": cfg.intermediate_size,
-      "rope_parameters": {"rope_type": "yarn", "rope_theta": r.theta, "factor": r.factor,
-                          "original_max_position_embeddings": r.original_max_position_embeddings,
-                          "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1},
-  }
-
-
-def _native_params(cfg: TextConfig) -> dict:
-  r = cfg.rope
-  return {
-      "dim": cfg.hidden_size, "n_layers": cfg.num_layers, "n_heads": cfg.num_heads,
-      "hidden_dim": cfg.intermediate_size, "norm_eps": 1e-6, "vocab_size": cfg.vocab_size,
-      "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,
-      "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
-      "v_head_dim": cfg.v_head_dim,
-      "yarn": {"factor": r.factor, "original_max_position_embeddings":
-               r.original_max_position_embeddings, "beta": 32, "alpha": 1, "apply_scale": False},
-      "llama_4_scaling": {"beta": 0.1, "original_max_position_embeddings": 4096},
-      "moe": {"num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
-              "expert_hidden_dim": cfg.moe_intermediate_size, "num_shared_experts": 1},
-  }
 
 
 def _rss_bytes() -> int:

@@ -19,6 +19,8 @@ import numpy as np
 from safetensors.numpy import save_file
 from transformers import Mistral3Config
 
+from smallfour import config_formats
+
 F8_MAX = 448.0
 
 
@@ -46,33 +48,11 @@ def write_mistral3_disk(directory: str, hf_cfg, tensors: dict[str, np.ndarray]) 
 
 
 def native_params(hf_cfg, apply_scale: bool = False) -> dict[str, Any]:
-  """params.json for an oracle Mistral4Config (spec §6.1 field names)."""
-  rope = hf_cfg.rope_parameters
-  return {
-      "dim": hf_cfg.hidden_size, "n_layers": hf_cfg.num_hidden_layers,
-      "head_dim": hf_cfg.qk_nope_head_dim + hf_cfg.qk_rope_head_dim,
-      "hidden_dim": hf_cfg.intermediate_size, "n_heads": hf_cfg.num_attention_heads,
-      "n_kv_heads": hf_cfg.num_key_value_heads, "rope_theta": rope["rope_theta"],
-      "norm_eps": hf_cfg.rms_norm_eps, "vocab_size": hf_cfg.vocab_size,
-      "max_position_embeddings": hf_cfg.max_position_embeddings, "tied_embeddings": False,
-      "q_lora_rank": hf_cfg.q_lora_rank, "qk_rope_head_dim": hf_cfg.qk_rope_head_dim,
-      "qk_nope_head_dim": hf_cfg.qk_nope_head_dim, "kv_lora_rank": hf_cfg.kv_lora_rank,
-      "v_head_dim": hf_cfg.v_head_dim,
-      "llama_4_scaling": {"beta": rope["llama_4_scaling_beta"],
-                          "original_max_position_embeddings":
-                              rope["original_max_position_embeddings"]},
-      "yarn": {"factor": rope["factor"],
-               "original_max_position_embeddings": rope["original_max_position_embeddings"],
-               "beta": rope["beta_fast"], "alpha": rope["beta_slow"], "apply_scale": apply_scale},
-      "moe": {"first_k_dense_replace": hf_cfg.first_k_dense_replace,
-              "num_experts": hf_cfg.n_routed_experts,
-              "num_experts_per_tok": hf_cfg.num_experts_per_tok,
-              "num_expert_groups": hf_cfg.n_group, "num_expert_groups_per_tok": hf_cfg.topk_group,
-              "routed_scale": hf_cfg.routed_scaling_factor,
-              "expert_hidden_dim": hf_cfg.moe_intermediate_size,
-              "num_shared_experts": hf_cfg.n_shared_experts},
-      "quantization": {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"},
-  }
+  """params.json for an oracle Mistral4Config, FP8 as released (spec §6.1)."""
+  cfg = config_formats.from_hf(hf_cfg.to_dict()).replace(
+      softmax_scale_mode="hf_mscale_fold" if apply_scale else "plain")
+  return {**config_formats.to_params(cfg),
+          "quantization": {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"}}
 
 
 _RENAMES = [  # HF text name -> native name (regex, applied in order)
@@ -85,7 +65,8 @@ _RENAMES = [  # HF text name -> native name (regex, applied in order)
     (r"\.self_attn\.q_b_proj\.", ".attention.wq_b."),
     (r"\.self_attn\.kv_a_proj_with_mqa\.", ".attention.wkv_a_with_mqa."),
     (r"\.self_attn\.kv_a_layernorm\.", ".attention.kv_a_norm."),
-    (r"\.self_attn\.kv_b_proj\.", ".attention.wkv_b."), (r"\.self_attn\.o_proj\.", ".attention.wo."),
+    (r"\.self_attn\.kv_b_proj\.", ".attention.wkv_b."),
+    (r"\.self_attn\.o_proj\.", ".attention.wo."),
     (r"\.mlp\.gate\.weight$", ".gate.weight"),
     (r"\.mlp\.shared_experts\.gate_proj\.", ".shared_experts.w1."),
     (r"\.mlp\.shared_experts\.up_proj\.", ".shared_experts.w3."),
