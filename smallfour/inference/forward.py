@@ -1,8 +1,9 @@
 """Cache-aware forward passes: chunked expanded prefill and absorbed one-token decode.
 
-Both walk the model's layers themselves (the modules hold weights only) and thread the
-`LatentCache` pytree through: prefill writes every prompt token's latent, decode
-appends one token per sequence and attends over the latent without expanding it.
+Both run the model's decoder blocks through their cache-aware entry points
+(`DecoderLayer.prefill` / `.decode`) and thread the `LatentCache` pytree through: prefill
+writes every prompt token's latent, decode appends one token per sequence and attends
+over the latent without expanding it.
 """
 
 from __future__ import annotations
@@ -28,12 +29,8 @@ def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, max_len: 
   pos = model.positions(positions, h.dtype)
   latents = []
   for layer in model.layers:
-    a = layer.input_norm(h)
-    q_nope, q_rope = layer.attn.queries(a, pos)
-    c, k_rope = layer.attn.latents(a, pos)
-    h = h + layer.attn.attend_chunked(q_nope, q_rope, c, k_rope, positions, valid, chunk)
-    h = h + layer.ffn(layer.post_attn_norm(h))
-    latents.append(jnp.concatenate([c, k_rope], axis=-1))
+    h, latent = layer.prefill(h, pos, positions, valid, chunk)
+    latents.append(latent)
   latent = jnp.stack(latents)  # [L, B, S, R + Dr]
   latent = jnp.pad(latent, ((0, 0), (0, 0), (0, max_len - s), (0, 0)))
   last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
@@ -50,7 +47,7 @@ def decode_step(model: Transformer, tokens: jax.Array, cache: LatentCache,
   below it, so a short generation does not pay for a long cache.
   Returns (logits [B, V], the updated cache).
   """
-  b, t = cache.batch, cache.max_len
+  t = cache.max_len
   w = t if window is None else min(window, t)
   positions = cache.lengths[:, None]  # [B, 1]
   h = model.embed(jnp.where(active, tokens, 0)[:, None])  # finished rows feed a dummy id
@@ -58,14 +55,7 @@ def decode_step(model: Transformer, tokens: jax.Array, cache: LatentCache,
   write_at = jnp.where(active, cache.lengths, t)  # t is out of bounds: the write is dropped
   mask = (jnp.arange(w)[None, None, :] <= positions[:, :, None])  # [B, 1, W]
   latent = cache.latent
-  rows = jnp.arange(b)
   for i, layer in enumerate(model.layers):
-    a = layer.input_norm(h)
-    q_nope, q_rope = layer.attn.queries(a, pos)
-    c, k_rope = layer.attn.latents(a, pos)
-    new = jnp.concatenate([c, k_rope], axis=-1)[:, 0].astype(latent.dtype)  # [B, R + Dr]
-    latent = latent.at[i, rows, write_at].set(new, mode="drop")
-    h = h + layer.attn.attend_absorbed(q_nope, q_rope, latent[i, :, :w], mask)
-    h = h + layer.ffn(layer.post_attn_norm(h))
+    h, latent = layer.decode(h, pos, latent, i, write_at, mask)
   lengths = cache.lengths + active.astype(jnp.int32)
   return model.logits(h)[:, 0], LatentCache(latent, lengths)

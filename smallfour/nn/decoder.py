@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,7 +17,11 @@ from smallfour.nn.rope import PositionEncoding, encode_positions
 
 
 class DecoderLayer(nnx.Module):
-  """Pre-norm block: `h += MLA(norm(h)); h += FFN(norm(h))`, FFN a MoE or a dense MLP."""
+  """Pre-norm block: `h += MLA(norm(h)); h += FFN(norm(h))`, FFN a MoE or a dense MLP.
+
+  One body (`_block`) behind the three ways the block runs: teacher-forced (`__call__`),
+  prefill and one-token decode (the latter two read and write the latent cache).
+  """
 
   def __init__(self, cfg: TextConfig, layer: int, *, rngs: nnx.Rngs, param_dtype: jnp.dtype):
     self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -27,9 +33,25 @@ class DecoderLayer(nnx.Module):
       self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, param_dtype=param_dtype)
 
   def __call__(self, h: jax.Array, pos: PositionEncoding, mask: jax.Array) -> jax.Array:
-    """h: [B, S, D], mask: [B, S, S] -> [B, S, D]."""
-    h = h + self.attn(self.input_norm(h), pos, mask)
-    return h + self.ffn(self.post_attn_norm(h))
+    """Teacher-forced, expanded attention. h: [B, S, D], mask: [B, S, S] -> [B, S, D]."""
+    return self._block(h, lambda a: (self.attn(a, pos, mask), None))[0]
+
+  def prefill(self, h: jax.Array, pos: PositionEncoding, positions: jax.Array,
+              valid: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Chunked prefill (`MLA.prefill`). Returns (h [B, S, D], cache rows [B, S, R + Dr])."""
+    return self._block(h, lambda a: self.attn.prefill(a, pos, positions, valid, chunk))
+
+  def decode(self, h: jax.Array, pos: PositionEncoding, latent: jax.Array, layer: int,
+             write_at: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One token per sequence (`MLA.decode`). Returns (h [B, 1, D], cache [L, B, T, R + Dr])."""
+    return self._block(h, lambda a: self.attn.decode(a, pos, latent, layer, write_at, mask))
+
+  def _block(self, h: jax.Array, attend: Callable[[jax.Array], tuple[jax.Array, Any]]
+             ) -> tuple[jax.Array, Any]:
+    """The block's one body; `attend` maps the normed input to (attention output, extra)."""
+    out, extra = attend(self.input_norm(h))
+    h = h + out
+    return h + self.ffn(self.post_attn_norm(h)), extra
 
 
 class Transformer(nnx.Module):

@@ -70,6 +70,36 @@ class MLA(nnx.Module):
     c, k_rope = self.latents(x, pos)
     return self.attend_expanded(q_nope, q_rope, c, k_rope, mask)
 
+  def prefill(self, x: jax.Array, pos: PositionEncoding, positions: jax.Array,
+              valid: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Causal attention of right-padded prompts, in query chunks (`attend_chunked`).
+
+    x: [B, S, D]; positions: [B, S]; valid: [B, S] bool marks real tokens.
+    Returns (out [B, S, D], the cache rows of every token [B, S, R + Dr]).
+    """
+    q_nope, q_rope = self.queries(x, pos)
+    c, k_rope = self.latents(x, pos)
+    out = self.attend_chunked(q_nope, q_rope, c, k_rope, positions, valid, chunk)
+    return out, jnp.concatenate([c, k_rope], axis=-1)
+
+  def decode(self, x: jax.Array, pos: PositionEncoding, latent: jax.Array, layer: int,
+             write_at: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One new token per sequence: writes its cache row, then attends absorbed.
+
+    x: [B, 1, D]; latent: the whole stacked cache [L, B, T, R + Dr], of which this is
+    layer `layer` (updated in place, so the donated cache is never copied); write_at: [B]
+    cache index of each new row (T drops the write); mask: [B, 1, W] over the first W
+    cache positions, the only ones read.
+    Returns (out [B, 1, D], the updated cache [L, B, T, R + Dr]).
+    """
+    q_nope, q_rope = self.queries(x, pos)
+    c, k_rope = self.latents(x, pos)
+    new = jnp.concatenate([c, k_rope], axis=-1)[:, 0].astype(latent.dtype)  # [B, R + Dr]
+    rows = jnp.arange(x.shape[0])
+    latent = latent.at[layer, rows, write_at].set(new, mode="drop")
+    window = latent[layer, :, :mask.shape[-1]]
+    return self.attend_absorbed(q_nope, q_rope, window, mask), latent
+
   def attend_expanded(self, q_nope: jax.Array, q_rope: jax.Array, c: jax.Array,
                       k_rope: jax.Array, mask: jax.Array) -> jax.Array:
     """Rebuilds per-head keys/values from the latent, then attends.
