@@ -9,12 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from smallfour.checkpoint import strided
+from smallfour.checkpoint import fp8, strided
 from smallfour.checkpoint.keymap import Path, TensorMap
-
-
-class CheckpointError(ValueError):
-  """A checkpoint does not match the model it is loaded into; the message names the culprit."""
+from smallfour.checkpoint.layout import CheckpointError
 
 
 class TensorSource(Protocol):
@@ -103,7 +100,7 @@ def build_params(maps: Iterable[TensorMap], source: TensorSource,
     else:
       dst = out[m.path][m.write_index]
     if coded is not None:
-      strided.lookup_into(dst, table, value)
+      fp8.lookup_into(dst, table, value)
     elif dst is None:
       dst = strided.contiguous(value, empty)  # often a transposed view: copied once
     else:

@@ -18,8 +18,7 @@ from flax import nnx
 from smallfour import config as config_lib
 from smallfour import sharding
 from smallfour.checkpoint import tree
-from smallfour.checkpoint.assemble import CheckpointError
-from smallfour.checkpoint.convert import FORMAT_VERSION, PARAMS_DIR, STAGING_SUFFIX
+from smallfour.checkpoint.layout import FORMAT_VERSION, PARAMS_DIR, STAGING_SUFFIX, CheckpointError
 from smallfour.nn.decoder import Transformer
 
 

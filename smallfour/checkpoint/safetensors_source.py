@@ -19,8 +19,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from smallfour.checkpoint import strided
-from smallfour.checkpoint.assemble import CheckpointError
+from smallfour.checkpoint import fp8, strided
+from smallfour.checkpoint.layout import CheckpointError
 
 FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F8_E4M3"})
 _NUMPY_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -116,9 +116,6 @@ class SafetensorsSource:
 
   # ---------------------------------------------------------------- TensorSource
 
-  def names(self) -> set[str]:
-    return set(self.location)
-
   def shape(self, name: str) -> tuple[int, ...]:
     if name not in self.shapes:
       raise CheckpointError(f"missing tensor {name}")
@@ -139,13 +136,13 @@ class SafetensorsSource:
     if scale is None:
       return raw.astype(dtype, copy=False)
     try:
-      return strided.dequantize_fp8(raw, scale, dtype)
+      return fp8.dequantize_fp8(raw, scale, dtype)
     except ValueError as e:
       raise CheckpointError(f"tensor {name}: {e}") from None
 
   def read_lookup(self, name: str, index: Index = None, dtype=np.float32
                   ) -> tuple[np.ndarray, np.ndarray] | None:
-    """FP8 `tensor[index]` with one multiplier as (uint8 codes, `strided.fp8_table`).
+    """FP8 `tensor[index]` with one multiplier as (uint8 codes, `fp8.fp8_table`).
 
     `table[codes]` is `read(...)`'s value; a caller can rearrange the 1-byte codes first
     and look them up straight into its output. The codes live in a per-thread buffer,
@@ -158,7 +155,7 @@ class SafetensorsSource:
     if scale is None or scale.size != 1:
       return None
     codes = self._pread(name, index, self._scratch.empty).view(np.uint8)
-    return codes, strided.fp8_table(scale[0], dtype)
+    return codes, fp8.fp8_table(scale[0], dtype)
 
   def read_transient(self, name: str, index: Index = None, dtype=np.float32
                      ) -> np.ndarray | None:

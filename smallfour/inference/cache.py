@@ -15,6 +15,10 @@ import jax.numpy as jnp
 from smallfour.config import TextConfig
 
 
+# Logical axes of `LatentCache.latent`, placed by the rule table in smallfour/sharding.py.
+LATENT_AXES = ("layers", "batch", "length", "kv_lora_rope")
+
+
 @flax.struct.dataclass
 class LatentCache:
   latent: jax.Array  # [L, B, T, R + Dr]: c in [..., :R], rotated k_rope in [..., R:]

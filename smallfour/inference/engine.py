@@ -24,13 +24,12 @@ from flax import nnx
 from smallfour import sharding
 from smallfour.inference import cache as cache_lib
 from smallfour.inference import forward
-from smallfour.inference.cache import LatentCache
+from smallfour.inference.cache import LATENT_AXES, LatentCache
 from smallfour.inference.sampling import Sampling, sample
 from smallfour.nn.decoder import Transformer
 
 MIN_BUCKET = 16
 PAD = -1  # marks "no token" in generated outputs
-CACHE_AXES = ("layers", "batch", "length", "kv_lora_rope")  # LatentCache.latent
 
 
 class RequestError(ValueError):
@@ -208,7 +207,7 @@ class Engine:
     """The latent's layout by the rule table (its batch split when it divides the mesh)."""
     if self.mesh is None:
       return None
-    return sharding.logical_sharding(CACHE_AXES, shape, self.mesh)
+    return sharding.logical_sharding(LATENT_AXES, shape, self.mesh)
 
   def _placed(self, cache: LatentCache) -> LatentCache:
     """The cache constrained to `_cache_sharding`, its lengths replicated."""

@@ -1,0 +1,22 @@
+"""What a converted smallfour checkpoint looks like on disk, and its error type.
+
+  <dst>/smallfour_config.json   our TextConfig (softmax-scale mode recorded), dtype, source
+  <dst>/params/                 orbax pytree {"embedder": .., "layers": {"0": {..}}, ..}
+  <dst>/tekken.json             the tokenizer, when the source ships one
+
+Kept apart from the converter so that restoring imports neither the writer nor the
+safetensors reader.
+"""
+
+PARAMS_DIR = "params"
+TOKENIZER_FILE = "tekken.json"
+# A conversion writes under `<dst><STAGING_SUFFIX>/` and renames it to `<dst>` when done.
+STAGING_SUFFIX = ".partial"
+# Bumped when the stored parameter layout changes; restore refuses other versions.
+# 2: MLA `k_up` [H, R, Dn] and `v_up` [H, Dv, R] (head-major; 1 stored them [R, H, ·]).
+FORMAT_VERSION = 2
+DTYPES = ("bfloat16", "float32")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint (source or converted) is missing, malformed or does not match its config."""
