@@ -222,18 +222,18 @@ KERNELS: dict[str, Kernel] = {
     "dense": dense,
 }
 
-# Largest token count for which `gather` beats `sorted_blocks` on XLA:CPU: none. At the
-# decode-benchmark shape (benchmarks/moe_kernels.py) sorted_blocks with B=1 is already
-# faster for one token (~0.8 vs ~1.4 ms): gather copies the N·K experts' weights before
-# reading them, the loop slices one expert per block. Raise this to route small N to gather.
+# Largest token count routed to `gather` on XLA:CPU: none, because sorted_blocks is at
+# least as fast from one token up in benchmarks/moe_kernels.py (gather copies the N·K
+# experts' weights before reading them; the loop slices one expert per block).
 CPU_GATHER_MAX_TOKENS = 0
 
 
 def select_kernel(num_rows: int, backend: str) -> str:
   """The kernel for `num_rows` tokens on `backend` ("cpu", "gpu", "tpu", ...).
 
-  GPU/TPU have a native grouped matmul, so ragged_dot. XLA:CPU emulates ragged_dot slowly
-  (30–40x, DESIGN.md), so there sorted_blocks, or gather up to CPU_GATHER_MAX_TOKENS.
+  GPU/TPU have a native grouped matmul, so ragged_dot. XLA:CPU emulates ragged_dot, many
+  times slower (benchmarks/moe_kernels.py), so there sorted_blocks, or gather up to
+  CPU_GATHER_MAX_TOKENS.
   """
   if backend == "cpu":
     return "gather" if num_rows <= CPU_GATHER_MAX_TOKENS else "sorted_blocks"
