@@ -2,10 +2,11 @@
 
   python launch/convert.py --src=/path/Mistral-Small-4-119B-2603 --dst=/path/small4-bf16
 
-The source is an HF directory (config.json + model*.safetensors) or a Mistral-native one
-(params.json + consolidated*.safetensors); FP8 weights are dequantized. The destination
-holds the weights, our config and tekken.json, and is all `launch/generate.py --ckpt`
-needs. Host memory stays about one decoder layer whatever the model size.
+The source is an HF directory (config.json + model*.safetensors), a Mistral-native one
+(params.json + consolidated*.safetensors) or the hub's, holding both (params.json then
+sets the softmax scale); FP8 weights are dequantized. The destination holds the weights,
+our config and tekken.json, and is all `launch/generate.py --ckpt` needs. Host memory
+stays about one decoder layer whatever the model size.
 """
 
 import json
@@ -22,10 +23,10 @@ _DST = flags.DEFINE_string("dst", None, "New directory to write; must not exist.
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", convert_lib.DTYPES, "Stored dtype.")
 _SOFTMAX_SCALE = flags.DEFINE_enum(
     "softmax_scale", None, SOFTMAX_SCALE_MODES,
-    "Override the softmax-scale mode the source format implies (HF config.json -> "
-    "hf_mscale_fold, native params.json -> plain unless yarn.apply_scale).")
+    "Override the softmax-scale mode the source implies: params.json's yarn.apply_scale "
+    "when the directory has one (plain unless true), else config.json -> hf_mscale_fold.")
 _FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "hf", "native"],
-                            "Source layout; auto prefers HF when a directory holds both.")
+                            "Source tensors; auto prefers HF when a directory holds both.")
 
 
 def main(argv):

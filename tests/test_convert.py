@@ -2,6 +2,7 @@
 fast paths: the orbax-layout writer, FP8 table lookup, blocked copies, block reads."""
 
 import json
+import logging
 import os
 
 import jax
@@ -18,8 +19,9 @@ from safetensors.numpy import save_file
 from smallfour import config as config_lib
 from smallfour import sharding, summary
 from smallfour.checkpoint import convert as convert_lib
+from smallfour.checkpoint import formats
 from smallfour.checkpoint import restore as restore_lib
-from smallfour.checkpoint import strided, tree
+from smallfour.checkpoint import fp8, strided, tree
 from smallfour.checkpoint.orbax_writer import TreeWriter
 from smallfour.checkpoint.safetensors_source import SafetensorsSource
 from tests import checkpoints, oracle
@@ -87,6 +89,43 @@ def test_native_fp8_round_trip(reference, tmp_path):
   assert meta["text"]["softmax_scale_mode"] == "hf_mscale_fold"
 
 
+def test_hub_layout_takes_the_scale_from_params_json(reference, tmp_path, caplog):
+  """config.json + params.json (apply_scale false) + HF tensors: plain by default."""
+  cfg, _, tensors = reference
+  src = tmp_path / "hub"
+  checkpoints.write_hf(str(src), cfg.to_dict(), tensors)
+  (src / "params.json").write_text(json.dumps(checkpoints.native_params(cfg)))
+  with caplog.at_level(logging.INFO):
+    convert_lib.convert(str(src), str(tmp_path / "out"), dtype="float32", progress=False)
+  assert (f"{src}: hf tensors, config from params.json, cross-checked with config.json; "
+          "softmax_scale_mode=plain: params.json yarn.apply_scale=false") in caplog.text
+  out = str(tmp_path / "out")
+  assert restore_lib.read_metadata(out)["text"]["softmax_scale_mode"] == "plain"
+  plain = oracle.hf_model(cfg, plain_softmax_scale=True)
+  plain.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()})
+  np.testing.assert_allclose(logits_of(out), oracle.logits(plain, TOKENS), atol=1e-4, rtol=0)
+  with caplog.at_level(logging.INFO):
+    convert_lib.convert(str(src), str(tmp_path / "folded"), dtype="float32",
+                        softmax_scale="hf_mscale_fold", progress=False)
+  assert "--softmax_scale=hf_mscale_fold overrides it" in caplog.text
+  meta = restore_lib.read_metadata(str(tmp_path / "folded"))
+  assert meta["text"]["softmax_scale_mode"] == "hf_mscale_fold"
+
+
+def test_hub_layout_with_native_tensors(reference, tmp_path):
+  """params.json decides whichever tensors are read."""
+  cfg, _, tensors = reference
+  src = tmp_path / "hub"
+  checkpoints.write_native_fp8(str(src), cfg, tensors, with_tokenizer=False)
+  (src / "config.json").write_text(json.dumps(cfg.to_dict()))
+  ckpt = formats.open_checkpoint(str(src))
+  ckpt.validate()
+  assert (ckpt.kind, ckpt.config.softmax_scale_mode) == ("native", "plain")
+  assert ckpt.config.pad_token_id == cfg.pad_token_id  # from config.json
+  (src / "params.json").write_text(json.dumps(checkpoints.native_params(cfg, apply_scale=True)))
+  assert formats.open_checkpoint(str(src)).config.softmax_scale_mode == "hf_mscale_fold"
+
+
 def test_bfloat16_storage_and_sharded_restore(reference, tmp_path):
   cfg, model, _ = reference
   model.save_pretrained(tmp_path / "hf")
@@ -151,15 +190,15 @@ def test_tree_writer_matches_orbax_save_pytree(tmp_path):
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float32])
 def test_fp8_table_lookup_is_the_arithmetic(dtype):
   codes = np.arange(256, dtype=np.uint8).reshape(16, 16)
-  fp8 = codes.view(ml_dtypes.float8_e4m3fn)
+  e4m3 = codes.view(ml_dtypes.float8_e4m3fn)
   bits = {1: np.uint8, 2: np.uint16, 4: np.uint32}[np.dtype(dtype).itemsize]
   for scale in (np.float32(1.0), np.float32(0.0123), np.float32(3e-5)):
-    want = (fp8.astype(np.float32) * scale).astype(dtype)
-    got = strided.dequantize_fp8(fp8, np.array([scale]), dtype)
+    want = (e4m3.astype(np.float32) * scale).astype(dtype)
+    got = fp8.dequantize_fp8(e4m3, np.array([scale]), dtype)
     np.testing.assert_array_equal(got.view(bits), want.view(bits))  # NaN codes included
     for rows in (16, 15):  # an even and an odd number of codes
       out = np.empty((16, rows), dtype)
-      strided.lookup_into(out, strided.fp8_table(scale, dtype), codes[:rows].T)
+      fp8.lookup_into(out, fp8.fp8_table(scale, dtype), codes[:rows].T)
       np.testing.assert_array_equal(out.view(bits), want[:rows].T.view(bits))
 
 

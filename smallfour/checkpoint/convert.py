@@ -6,11 +6,7 @@ and fsync each layer's files in the background. Everything is written under
 `<dst>.partial/`, fsynced, and renamed to `<dst>` only at the end, so a killed (or
 power-cut) conversion never leaves a `<dst>` that restores, and a rerun starts cleanly.
 
-Destination layout::
-
-  <dst>/smallfour_config.json   our TextConfig (softmax-scale mode recorded), dtype, source
-  <dst>/params/                 orbax pytree {"embedder": .., "layers": {"0": {..}}, ..}
-  <dst>/tekken.json             the tokenizer, when the source ships one
+The destination layout is in `layout.py`.
 """
 
 from __future__ import annotations
@@ -29,17 +25,13 @@ from tqdm import tqdm
 
 from smallfour import config as config_lib
 from smallfour import summary
-from smallfour.checkpoint.assemble import CheckpointError, build_params
+from smallfour.checkpoint.assemble import build_params
 from smallfour.checkpoint.formats import open_checkpoint
 from smallfour.checkpoint.keymap import Path, TensorMap
+from smallfour.checkpoint.layout import (DTYPES, FORMAT_VERSION, PARAMS_DIR, STAGING_SUFFIX,
+                                         TOKENIZER_FILE, CheckpointError)
 from smallfour.checkpoint.orbax_writer import TreeWriter, fsync
 
-PARAMS_DIR = "params"
-STAGING_SUFFIX = ".partial"
-# Bumped when the stored parameter layout changes; restore refuses other versions.
-# 2: MLA `k_up` [H, R, Dn] and `v_up` [H, Dv, R] (head-major; 1 stored them [R, H, ·]).
-FORMAT_VERSION = 2
-DTYPES = ("bfloat16", "float32")
 
 # Bytes being written may reach this fraction of the largest layer (at least its largest
 # parameter) before building waits: enough to keep the writer busy, and with the
@@ -101,8 +93,10 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
 
   Args:
     dtype: the stored dtype, "bfloat16" or "float32" (FP8 is dequantized in float32 first).
-    softmax_scale: overrides the mode the source format implies ("plain"/"hf_mscale_fold").
-    kind: the source layout; "auto" detects it from the directory's files.
+    softmax_scale: overrides the mode the source implies ("plain"/"hf_mscale_fold"):
+      params.json's yarn.apply_scale when it is there, else config.json's transformers
+      semantics (`config_files.read_release_dir`).
+    kind: the source tensors; "auto" detects them from the directory's files.
   """
   if dtype not in DTYPES:
     raise CheckpointError(f"--dtype={dtype!r}; expected one of {DTYPES}")
@@ -116,6 +110,8 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
       raise CheckpointError(f"--softmax_scale={softmax_scale!r}; expected one of "
                             f"{config_lib.SOFTMAX_SCALE_MODES}")
     cfg = cfg.replace(softmax_scale_mode=softmax_scale)
+  override = "" if softmax_scale is None else f"; --softmax_scale={softmax_scale} overrides it"
+  logging.info("%s: %s tensors, %s%s", src, ckpt.kind, ckpt.config_note, override)
   ckpt.validate()
 
   staging = dst.rstrip("/") + STAGING_SUFFIX
@@ -149,14 +145,14 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
   bar.close()
 
   if ckpt.tokenizer:
-    shutil.copyfile(ckpt.tokenizer, os.path.join(staging, "tekken.json"))
-    fsync(os.path.join(staging, "tekken.json"))
+    shutil.copyfile(ckpt.tokenizer, os.path.join(staging, TOKENIZER_FILE))
+    fsync(os.path.join(staging, TOKENIZER_FILE))
   meta = {
       "format_version": FORMAT_VERSION,
       "text": cfg.to_dict(),
       "param_dtype": dtype,
       "source": {"kind": ckpt.kind, "path": os.path.abspath(src)},
-      "tokenizer": "tekken.json" if ckpt.tokenizer else None,
+      "tokenizer": TOKENIZER_FILE if ckpt.tokenizer else None,
   }
   with open(os.path.join(staging, config_lib.SMALLFOUR_CONFIG_FILE), "w") as f:
     json.dump(meta, f, indent=2)

@@ -1,8 +1,11 @@
 """Recognises a released checkpoint directory (HF or Mistral-native) and checks it whole.
 
-`open_checkpoint` reads only JSON and safetensors headers; `validate` then proves that
-every tensor the model needs is present with the right shape and a float dtype, and
-that no tensor is left unaccounted for, before a single weight is read.
+The tensors' kind and the config are decided apart: `auto` reads HF tensors when both
+kinds are there, while params.json, when present, gives the config and its softmax scale
+(`config_files.read_release_dir`). `open_checkpoint` reads only JSON and safetensors
+headers; `validate` then proves that every tensor the model needs is present with the
+right shape and a float dtype, and that no tensor is left unaccounted for, before a
+single weight is read.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 from typing import Literal
 
 from smallfour import config as config_lib
+from smallfour import config_files
 from smallfour.checkpoint import keymap
 from smallfour.checkpoint.assemble import CheckpointError, check_shapes
 from smallfour.checkpoint.safetensors_source import SafetensorsSource
@@ -56,6 +60,7 @@ class SourceCheckpoint:
   source: SafetensorsSource
   maps: list[list[keymap.TensorMap]]  # one list per decoder layer, then the globals
   tokenizer: str | None  # path of tekken.json, if shipped
+  config_note: str  # which JSON files gave the config, and what set its softmax scale
 
   def validate(self) -> None:
     """Raises CheckpointError naming the first missing, unexpected or malformed tensor."""
@@ -113,10 +118,8 @@ def open_checkpoint(directory: str, kind: Kind | Literal["auto"] = "auto") -> So
   if not os.path.isdir(directory):
     raise CheckpointError(f"{directory} is not a directory")
   kind = detect_kind(directory) if kind == "auto" else kind
-  if kind == "hf":
-    cfg = config_lib.load_file(os.path.join(directory, "config.json"), config_lib.from_hf)
-  else:
-    cfg = config_lib.load_file(os.path.join(directory, "params.json"), config_lib.from_params)
+  release = config_files.read_release_dir(directory)
+  cfg = release.config
   source = _source(directory, kind)
   if kind == "hf":
     maps = list(keymap.hf_maps(cfg, _hf_prefix(source, directory)))
@@ -124,4 +127,4 @@ def open_checkpoint(directory: str, kind: Kind | Literal["auto"] = "auto") -> So
     maps = list(keymap.native_maps(cfg))
   tokenizer = os.path.join(directory, "tekken.json")
   return SourceCheckpoint(kind, directory, cfg, source, maps,
-                          tokenizer if os.path.exists(tokenizer) else None)
+                          tokenizer if os.path.exists(tokenizer) else None, release.describe())
