@@ -268,7 +268,7 @@ def _read_hf(config: Mapping[str, Any], where: str) -> dict[str, Any]:
     raise ConfigError(f"{where}: model_type={text.get('model_type')!r}; expected 'mistral4'")
   for key, expected in _HF_CONSTANTS.items():
     _expect(text, key, expected, where)
-  if text.get("q_lora_rank") is None:
+  if "q_lora_rank" in text and text["q_lora_rank"] is None:
     raise ConfigError(f"{where}: q_lora_rank is null; uncompressed queries are not supported")
   rope = text.get("rope_parameters") or text.get("rope_scaling")
   if rope is None:

@@ -75,6 +75,7 @@ def test_round_trip_dict():
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d.pop("kv_lora_rank"), "missing required field 'kv_lora_rank'"),
+    (lambda d: d.update(q_lora_rank=None), "q_lora_rank is null; uncompressed queries"),
     (lambda d: d.update(n_group=3), "n_routed_experts=128 is not divisible by n_group=3"),
     (lambda d: d.update(n_group=8, topk_group=1, num_experts_per_tok=17),
      "num_experts_per_tok=17 exceeds the 16 experts"),
