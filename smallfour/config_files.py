@@ -64,8 +64,8 @@ def read_release_dir(path: str) -> DirConfig:
   if has_hf:
     cfg = load_file(hf_file, from_hf)
     return DirConfig(cfg, "config.json", (
-        f"config.json alone, whose mscale_all_dim={cfg.rope.mscale_all_dim} transformers "
-        ">= 5.17 folds into the scale when it is set"))
+        "config.json alone: transformers >= 5.17 folds m(f, mscale_all_dim)² into the scale "
+        f"when mscale_all_dim is set (here {cfg.rope.mscale_all_dim})"))
   raise ConfigError(f"{path}: no config.json or params.json found")
 
 

@@ -50,11 +50,13 @@ def logits_of(ckpt_dir, **kw):
   return np.asarray(forward(restore_lib.restore_model(ckpt_dir, **kw), jnp.asarray(TOKENS)))
 
 
-def test_save_pretrained_round_trip(reference, tmp_path):
+def test_save_pretrained_round_trip(reference, tmp_path, caplog):
   cfg, model, _ = reference
   model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
-  stats = convert_lib.convert(str(tmp_path / "hf"), str(tmp_path / "out"), dtype="float32",
-                              progress=False)
+  with caplog.at_level(logging.INFO):
+    stats = convert_lib.convert(str(tmp_path / "hf"), str(tmp_path / "out"), dtype="float32",
+                                progress=False)
+  assert "hf tensors, config from config.json; softmax_scale_mode=hf_mscale_fold" in caplog.text
   assert stats["written_bytes"] > 0
   meta = restore_lib.read_metadata(str(tmp_path / "out"))
   assert meta["text"]["softmax_scale_mode"] == "hf_mscale_fold"
@@ -71,13 +73,16 @@ def test_mistral3_disk_layout_round_trip(reference, tmp_path):
                              atol=1e-4, rtol=0)
 
 
-def test_native_fp8_round_trip(reference, tmp_path):
+def test_native_fp8_round_trip(reference, tmp_path, caplog):
   cfg, _, tensors = reference
   dequantized = checkpoints.write_native_fp8(str(tmp_path / "native"), cfg, tensors)
   plain = oracle.hf_model(cfg, plain_softmax_scale=True)
   plain.load_state_dict({k: torch.as_tensor(v) for k, v in dequantized.items()})
-  convert_lib.convert(str(tmp_path / "native"), str(tmp_path / "out"), dtype="float32",
-                      progress=False)
+  with caplog.at_level(logging.INFO):
+    convert_lib.convert(str(tmp_path / "native"), str(tmp_path / "out"), dtype="float32",
+                        progress=False)
+  assert ("native tensors, config from params.json; softmax_scale_mode=plain: params.json "
+          "yarn.apply_scale=false") in caplog.text
   out = tmp_path / "out"
   assert json.loads((out / "tekken.json").read_text())["config"]["pattern"] == "test"
   assert restore_lib.read_metadata(str(out))["text"]["softmax_scale_mode"] == "plain"
