@@ -10,7 +10,7 @@ from smallfour.config import RopeConfig, TextConfig
 
 def get_config() -> TextConfig:
   return TextConfig(
-      vocab_size=512,
+      vocab_size=131072,  # the Tekken id space, so the built-in tokenizer fits
       hidden_size=64,
       num_layers=3,
       num_heads=4,
