@@ -9,9 +9,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import numpy as np
 import torch
+from flax import nnx
 from transformers import Mistral4Config, Mistral4ForCausalLM
+
+from smallfour import config as config_lib
+from smallfour import sharding
+from smallfour.checkpoint import assemble, keymap
+from smallfour.nn.decoder import Transformer
+
+# Logits match the oracle's to 1e-4 (tests/test_parity.py). A greedy winner leading by ten
+# times that cannot flip under another library's, CPU's or mesh's rounding.
+GREEDY_MARGIN = 1e-3
 
 
 def hf_config(**overrides: Any) -> Mistral4Config:
@@ -74,3 +85,26 @@ def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
 def logits(model: torch.nn.Module, tokens: np.ndarray) -> np.ndarray:
   with torch.no_grad():
     return model(torch.as_tensor(tokens)).logits.float().numpy()
+
+
+def ours(hf: torch.nn.Module | dict[str, np.ndarray], cfg: config_lib.TextConfig,
+         mesh: jax.sharding.Mesh | None = None) -> Transformer:
+  """Our float32 Transformer holding an HF model's weights (or its `state_dict_numpy`),
+  placed on `mesh` by the rule table when one is given."""
+  tensors = hf if isinstance(hf, dict) else state_dict_numpy(hf)
+  maps = [m for group in keymap.hf_maps(cfg) for m in group]
+  assert {s for m in maps for s in m.sources} == set(tensors)  # every tensor used, none invented
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  assemble.load_into(model, maps, assemble.DictSource(tensors))
+  return model if mesh is None else sharding.place(model, mesh)
+
+
+def assert_clear_winners(logits: np.ndarray, tokens: list[int]) -> None:
+  """Each of `tokens` leads every other logit of its row of `logits` [T, V] by more than
+  GREEDY_MARGIN, so greedy token equality elsewhere does not hinge on a near-tie."""
+  logits = np.asarray(logits, np.float32)
+  rows = np.arange(len(tokens))
+  runner_up = np.where(np.eye(logits.shape[-1], dtype=bool)[tokens], -np.inf, logits).max(-1)
+  lead = logits[rows, tokens] - runner_up
+  assert lead.min() > GREEDY_MARGIN, (
+      f"step {lead.argmin()}: token {tokens[lead.argmin()]} leads by {lead.min():.2e}")

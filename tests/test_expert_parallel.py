@@ -15,7 +15,6 @@ from flax import nnx
 from smallfour import configs
 from smallfour import config as config_lib
 from smallfour import sharding
-from smallfour.checkpoint import assemble, keymap
 from smallfour.checkpoint import convert as convert_lib
 from smallfour.inference.engine import Engine
 from smallfour.nn import expert_parallel, moe, moe_kernels
@@ -35,13 +34,6 @@ def hf_and_cfg():
                             eos_token_id=None)
   hf = oracle.hf_model(hf_cfg, seed=21)
   return hf, config_lib.from_hf(hf_cfg.to_dict())
-
-
-def _model(hf, cfg, mesh: jax.sharding.Mesh | None) -> Transformer:
-  model = Transformer(cfg, rngs=nnx.Rngs(0))
-  maps = [m for g in keymap.hf_maps(cfg) for m in g]
-  assemble.load_into(model, maps, assemble.DictSource(oracle.state_dict_numpy(hf)))
-  return model if mesh is None else sharding.place(model, mesh)
 
 
 def _mesh(spec: str, cfg) -> jax.sharding.Mesh:
@@ -84,14 +76,14 @@ def test_logits_equal_on_every_mesh_and_moe_implementation(hf_and_cfg):
   hf, cfg = hf_and_cfg
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 40))
   want = oracle.logits(hf, tokens)
-  single = _model(hf, cfg, None)
+  single = oracle.ours(hf, cfg)
   results = {}
   for impl in ["dense_oracle", "ragged_dot", "sorted_blocks", "gather"]:
     moe.set_impl(single, impl)
     results[f"1 device, {impl}"] = _forward(single, tokens, _mesh(MESHES[0], cfg))
   for spec in MESHES[1:]:
     mesh = _mesh(spec, cfg)
-    model = _model(hf, cfg, mesh)
+    model = oracle.ours(hf, cfg, mesh)
     results[f"{spec}, expert_parallel"] = _forward(model, tokens, mesh)
     moe.set_impl(model, "dense_oracle")  # the oracle, partitioned by the compiler
     results[f"{spec}, dense_oracle"] = _forward(model, tokens, mesh)
@@ -105,7 +97,7 @@ def test_expert_parallel_really_splits_the_experts(hf_and_cfg):
   """The EP path compiles to an all-gather and a reduce-scatter, with 1 expert per device."""
   hf, cfg = hf_and_cfg
   mesh = _mesh("data:1,expert:8,tensor:1", cfg)
-  model = _model(hf, cfg, mesh)
+  model = oracle.ours(hf, cfg, mesh)
   experts = model.layers[1].ffn.experts.gate_proj[...]
   assert experts.sharding.shard_shape(experts.shape)[0] == 1
   graphdef, state = nnx.split(model)
@@ -121,10 +113,13 @@ def test_greedy_tokens_equal_on_every_mesh(hf_and_cfg):
   outputs = {}
   for spec in MESHES:
     mesh = _mesh(spec, cfg)
-    engine = Engine(_model(hf, cfg, mesh), max_len=64, prefill_chunk=16,
+    engine = Engine(oracle.ours(hf, cfg, mesh), max_len=64, prefill_chunk=16,
                     mesh=None if mesh.size == 1 else mesh)
     outputs[spec] = engine.generate(PROMPTS, max_new_tokens=24)
   assert all(len(o) == 24 for o in outputs[MESHES[0]])
+  for prompt, got in zip(PROMPTS, outputs[MESHES[0]]):  # each mesh rounds in its own way
+    forced = oracle.logits(hf, np.asarray([prompt + got]))[0, len(prompt) - 1:-1]
+    oracle.assert_clear_winners(forced, got)
   for spec, got in outputs.items():
     assert got == outputs[MESHES[0]], spec
 
@@ -156,7 +151,8 @@ def test_two_processes_generate_what_one_does(tmp_path, source):
     convert_lib.convert(str(tmp_path / "hf"), str(tmp_path / "ckpt"), dtype="float32",
                         progress=False)
     model_flag = f"--ckpt={tmp_path / 'ckpt'}"
-  common = [model_flag, "--prompt_ids=1,2,3,40,41", "--max_new_tokens=12"]
+  prompt = [1, 2, 3, 40, 41]
+  common = [model_flag, f"--prompt_ids={','.join(map(str, prompt))}", "--max_new_tokens=12"]
   one = _generate([*common, "--mesh=data:1,expert:1,tensor:1",
                    f"--output_json={tmp_path / 'one.json'}"], devices=1)
   _, err = one.communicate(timeout=300)  # not wait(): full pipes would block the child
@@ -173,6 +169,12 @@ def test_two_processes_generate_what_one_does(tmp_path, source):
   assert not (tmp_path / "two1.json").exists()  # only process 0 writes
   want = json.loads((tmp_path / "one.json").read_text())["token_ids"]
   assert len(want) == 12
+  if source == "preset":  # the weights --config=tiny draws with the default --seed=0
+    model = Transformer(configs.resolve("tiny"), rngs=nnx.Rngs(0))
+    forced = np.asarray(model(jnp.asarray([prompt + want])))[0]
+  else:
+    forced = oracle.logits(hf, np.asarray([prompt + want]))[0]
+  oracle.assert_clear_winners(forced[len(prompt) - 1:-1], want)  # the meshes round differently
   streamed = " ".join(map(str, want))  # ...and prints (gloo's own chatter aside)
   assert streamed in outs[0][0] and streamed not in outs[1][0], outs[1][0][-2000:]
   assert json.loads((tmp_path / "two0.json").read_text())["token_ids"] == want

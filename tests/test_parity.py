@@ -6,8 +6,6 @@ import pytest
 from flax import nnx
 
 from smallfour import config as config_lib
-from smallfour.checkpoint import assemble, keymap
-from smallfour.nn.decoder import Transformer
 from tests import oracle
 
 # Each case: (HF config overrides, patch HF to the plain softmax scale, sequence length).
@@ -31,15 +29,6 @@ CASES = {
 }
 
 
-def load_ours(hf_model, cfg: config_lib.TextConfig) -> Transformer:
-  model = Transformer(cfg, rngs=nnx.Rngs(0))
-  tensors = oracle.state_dict_numpy(hf_model)
-  maps = [m for group in keymap.hf_maps(cfg, "model") for m in group]
-  assert {s for m in maps for s in m.sources} == set(tensors)  # every tensor used, none invented
-  assemble.load_into(model, maps, assemble.DictSource(tensors))
-  return model
-
-
 @nnx.jit
 def forward(model, tokens):
   return model(tokens)
@@ -57,7 +46,7 @@ def test_logits_match_transformers(case):
   hf = oracle.hf_model(hf_cfg, seed=len(case), plain_softmax_scale=plain)
   tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, seq_len))
   expected = oracle.logits(hf, tokens)
-  got = np.asarray(forward(load_ours(hf, cfg), jax.numpy.asarray(tokens)))
+  got = np.asarray(forward(oracle.ours(hf, cfg), jax.numpy.asarray(tokens)))
   assert np.abs(expected).max() > 1.0  # logits are not trivially small
   np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
@@ -68,7 +57,7 @@ def test_softmax_scale_modes_differ_except_at_position_zero():
   hf = oracle.hf_model(hf_cfg, seed=3)
   folded = config_lib.from_hf(hf_cfg.to_dict())
   tokens = jax.numpy.asarray(np.random.default_rng(0).integers(0, 256, (1, 40)))
-  a = np.asarray(forward(load_ours(hf, folded), tokens))
-  b = np.asarray(forward(load_ours(hf, folded.replace(softmax_scale_mode="plain")), tokens))
+  a = np.asarray(forward(oracle.ours(hf, folded), tokens))
+  b = np.asarray(forward(oracle.ours(hf, folded.replace(softmax_scale_mode="plain")), tokens))
   np.testing.assert_allclose(a[:, 0], b[:, 0], atol=1e-5)
   assert np.abs(a[:, 1:] - b[:, 1:]).max() > 1e-2
