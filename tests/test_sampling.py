@@ -1,0 +1,107 @@
+"""`sample` against an independent numpy reference of the kept tokens and their frequencies.
+
+The reference follows the definitions in float64: logits / temperature; top_k keeps every
+token at least as large as the k-th largest (ties with it included); top_p then sorts the
+top-k renormalised distribution and keeps each token whose mass before it is below top_p,
+with every token tied with the last one kept; the draw follows the softmax of the kept logits.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats  # installed with jax
+
+from smallfour.inference.sampling import Sampling, sample
+
+DRAWS = 40_000  # keys per case
+# Logits on a 0.1 grid: any two are equal or ~0.1 apart, so no case hangs on a near-tie.
+RANDOM = np.round(np.random.default_rng(0).standard_normal((2, 16)), 1).astype(np.float32)
+TIES = np.array([3.0, 3.0, 2.0, 1.5, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -1.0, -1.5, -2.0, -2.0,
+                 -2.5, -3.0], np.float32)
+
+
+def reference(logits: np.ndarray, s: Sampling) -> np.ndarray:
+  """The distribution `sample` should draw from: [V] float64, zero outside the kept set."""
+  z = logits.astype(np.float64) / s.temperature
+  keep = np.ones(z.shape, bool)
+  if s.top_k:
+    keep &= z >= np.sort(z)[::-1][min(s.top_k, z.size) - 1]
+  if s.top_p < 1:
+    order = np.argsort(-z, kind="stable")
+    p = np.where(keep, np.exp(z - z.max()), 0.0)[order]
+    p /= p.sum()
+    before = np.cumsum(p) - p
+    # A mass this close to top_p would test float32 rounding, not the rule (the first
+    # token's, 0, is exact in any arithmetic).
+    assert np.abs(before[1:] - s.top_p).min() > 1e-4, "a token sits on the top_p edge"
+    keep &= z >= z[order][before < s.top_p].min()
+  probs = np.where(keep, np.exp(z - z.max()), 0.0)
+  return probs / probs.sum()
+
+
+def draws(logits: np.ndarray, s: Sampling) -> np.ndarray:
+  """DRAWS samples of every row of `logits` [R, V], one key each: [DRAWS, R]."""
+  keys = jax.random.split(jax.random.key(0), DRAWS)
+  return np.asarray(jax.jit(jax.vmap(lambda key: sample(jnp.asarray(logits), key, s)))(keys))
+
+
+def assert_drawn_from(tokens: np.ndarray, probs: np.ndarray) -> None:
+  """Every draw is kept, every kept token is drawn, counts fit `probs` (chi-square)."""
+  kept = np.flatnonzero(probs)
+  counts = np.bincount(tokens, minlength=probs.size)
+  assert set(np.flatnonzero(counts)) <= set(kept), "drew a filtered-out token"
+  expected = len(tokens) * probs[kept]
+  assert expected.min() >= 20, "test logits: a kept token is too rare to test"
+  assert counts[kept].min() > 0, "a kept token is never drawn"
+  if len(kept) > 1:
+    chi2 = ((counts[kept] - expected) ** 2 / expected).sum()
+    # The keys are fixed, so this is deterministic; 1e-6 leaves room for another PRNG.
+    assert chi2 < stats.chi2.isf(1e-6, len(kept) - 1), (chi2, counts[kept], expected)
+
+
+@pytest.mark.parametrize("s", [
+    Sampling(1.0),
+    Sampling(1.0, top_k=100),  # k beyond the vocabulary
+    Sampling(0.7, top_k=5),
+    Sampling(1.2, top_k=6, top_p=1.0),
+    Sampling(1.5, top_p=0.8),
+    Sampling(0.9, top_k=6, top_p=0.7),
+    Sampling(0.5, top_k=8, top_p=0.95),
+    Sampling(2.0, top_k=1),
+    Sampling(0.8, top_p=1e-6),
+], ids=str)
+def test_draws_follow_the_reference(s):
+  rows = np.concatenate([RANDOM, TIES[None]])
+  got = draws(rows, s)
+  for row, tokens in zip(rows, got.T):
+    assert_drawn_from(tokens, reference(row, s))
+
+
+def _ties_top_p(temperature: float, tied: int, top_k: int = TIES.size) -> float:
+  """A top_p reached halfway through TIES[tied - 1], so that TIES[tied], equal to it, is kept
+  by the tie rule alone (TIES is sorted, so top_k keeps its first top_k)."""
+  p = np.exp(TIES[:top_k].astype(np.float64) / temperature)
+  p /= p.sum()
+  return float(p[:tied].sum() - p[tied - 1] / 2)
+
+
+@pytest.mark.parametrize("s, kept", [
+    (Sampling(1.0, top_k=1), [0, 1]),
+    (Sampling(1.0, top_p=1e-6), [0, 1]),
+    (Sampling(1.0, top_k=4), [0, 1, 2, 3, 4]),
+    (Sampling(1.0, top_k=5), [0, 1, 2, 3, 4]),
+    (Sampling(1.0, top_p=_ties_top_p(1.0, 4)), [0, 1, 2, 3, 4]),
+    (Sampling(0.6, top_k=12, top_p=_ties_top_p(0.6, 4, top_k=12)), [0, 1, 2, 3, 4]),
+], ids=str)
+def test_ties_with_the_last_kept_token_are_kept(s, kept):
+  probs = reference(TIES, s)
+  np.testing.assert_array_equal(np.flatnonzero(probs), kept)
+  assert_drawn_from(draws(TIES[None], s)[:, 0], probs)
+
+
+def test_greedy_is_the_first_argmax_for_any_key():
+  rows = jnp.asarray(np.concatenate([RANDOM, TIES[None]]))
+  for seed in range(5):
+    got = sample(rows, jax.random.key(seed), Sampling())
+    np.testing.assert_array_equal(got, np.argmax(np.asarray(rows), -1))
