@@ -1,18 +1,29 @@
-"""Generates tokens from a converted checkpoint or a seeded random preset.
+"""Chats with a converted checkpoint or a seeded random preset, or generates from raw ids.
 
-  python launch/generate.py --config=tiny --prompt_ids=1,2,3 --max_new_tokens=16
-  python launch/generate.py --ckpt=/data/small4-bf16 --prompt_ids=1,1784,3 --temperature=0.7
-  python launch/generate.py --ckpt=/data/small4-bf16 --mesh=data:1,expert:8,tensor:1 ...
+  python launch/generate.py --config=tiny --prompt="Name the capital of France."
+  python launch/generate.py --ckpt=/data/small4-bf16 --prompt="What is 17 * 23?" \
+      --reasoning_effort=high
+  python launch/generate.py --ckpt=/data/small4-bf16 --messages=launch/examples/weather.json
+  python launch/generate.py --ckpt=/data/small4-bf16 --prompt_ids=1,1784,3  # raw ids
+  python launch/generate.py --config=tiny --prompt="Hi" --dry_run  # the prompt, no weights
 
-Tokens are streamed to the terminal as they are produced; `--output_json` writes
-{"token_ids": [...]} (prompt excluded). With several processes (launch/multihost/, or
---coordinator_address/--num_processes/--process_id), every process runs this same
-command on its share of the mesh and only process 0 prints and writes.
+The prompt is one user turn (--prompt) or an OpenAI-style request object (--messages:
+messages, tools, reasoning_effort), encoded by mistral-common (smallfour.chat). The answer
+streams to the terminal: reasoning under its own header, then the answer, then each tool
+call with its arguments. `--output_json` writes prompt_ids, token_ids (prompt excluded),
+reasoning, content, tool_calls and finish_reason. The tokenizer is --tokenizer, else the
+checkpoint's (or --config directory's) tekken.json, else, for a preset, the built-in one
+(smallfour.chat_vocab). With several processes (launch/multihost/, or
+--coordinator_address/--num_processes/--process_id), every process runs this same command
+on its share of the mesh and only process 0 prints and writes.
 """
 
 import json
+import logging
+import os
 import sys
 import time
+from typing import NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -21,22 +32,43 @@ from flax import nnx
 
 from smallfour import configs
 from smallfour import distributed, sharding
+from smallfour.chat import ChatRequestError, ChatTokenizer, Delta, TokenizerFileError
+from smallfour.chat_output import collect
 from smallfour.checkpoint import restore
 from smallfour.checkpoint.assemble import CheckpointError
-from smallfour.config import ConfigError
+from smallfour.config import ConfigError, TextConfig
 from smallfour.inference.engine import Engine, RequestError
 from smallfour.inference.sampling import Sampling
 from smallfour.nn.decoder import Transformer
 
+# Sampling defaults per reasoning effort (spec/CHAT_FORMAT.md §5): the model card asks for
+# temperature 0.7 with "high" and 0.0-0.7 with "none" (we take greedy), gives no top-k/top-p,
+# and "high" traces run to thousands of tokens. Raw --prompt_ids use the "none" row.
+DEFAULTS = {
+    "none": {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 1024},
+    "high": {"temperature": 0.7, "top_k": 0, "top_p": 1.0, "max_new_tokens": 8192},
+}
+
 _CKPT = flags.DEFINE_string("ckpt", None, "A checkpoint written by launch/convert.py.")
 _CONFIG = flags.DEFINE_string("config", None, "A preset (random weights, seeded) when no --ckpt.")
-_PROMPT_IDS = flags.DEFINE_list("prompt_ids", None, "Prompt token ids, comma separated.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 means greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1].")
+_PROMPT = flags.DEFINE_string("prompt", None, "One user message.")
+_MESSAGES = flags.DEFINE_string("messages", None,
+                                "A JSON file: a request {messages, tools?, reasoning_effort?} "
+                                "or a list of messages.")
+_PROMPT_IDS = flags.DEFINE_list("prompt_ids", None, "Raw prompt token ids, comma separated.")
+_REASONING = flags.DEFINE_enum("reasoning_effort", None, ["none", "high"],
+                               "Overrides the request's (default none).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "A tekken.json (overrides the default).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Encode and print the prompt; load no weights.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", None,
+                                "Tokens to generate at most (default per reasoning effort).")
+_TEMPERATURE = flags.DEFINE_float("temperature", None,
+                                  "0 means greedy (default per reasoning effort).")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass in (0, 1].")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (and weight seed for --config).")
-_MAX_LEN = flags.DEFINE_integer("max_len", 4096, "Cache length per sequence (prompt + output).")
+_MAX_LEN = flags.DEFINE_integer("max_len", None,
+                                "Cache length per sequence (default prompt + max_new_tokens).")
 _MESH = flags.DEFINE_string("mesh", "data:1,expert:1,tensor:1",
                             "Device mesh axis sizes over all processes' devices.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
@@ -46,7 +78,13 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mul
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype; default the checkpoint's stored dtype.")
-_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write {'token_ids': [...]} here.")
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None,
+                                   "Write the prompt and the answer here as JSON.")
+
+
+def _fail(message: str) -> NoReturn:
+  """An input (checkpoint, tokenizer, request) is wrong: one line, without the usage text."""
+  raise SystemExit(f"error: {message}")
 
 
 def _mesh(cfg) -> jax.sharding.Mesh | None:
@@ -59,60 +97,186 @@ def _mesh(cfg) -> jax.sharding.Mesh | None:
   return None if mesh.size == 1 else mesh
 
 
-def _load_model() -> tuple[Transformer, jax.sharding.Mesh | None]:
+def _config() -> TextConfig:
   if (_CKPT.value is None) == (_CONFIG.value is None):
     raise app.UsageError("give exactly one of --ckpt and --config")
   try:
-    if _CKPT.value:
-      cfg = restore.read_config(_CKPT.value)
-      mesh = _mesh(cfg)
-      return restore.restore_model(_CKPT.value, mesh=mesh, dtype=_DTYPE.value), mesh
-    cfg = configs.resolve(_CONFIG.value)
+    return restore.read_config(_CKPT.value) if _CKPT.value else configs.resolve(_CONFIG.value)
   except (CheckpointError, ConfigError) as e:
-    raise app.UsageError(str(e)) from None
+    _fail(str(e))
+
+
+def _load_model(cfg: TextConfig) -> tuple[Transformer, jax.sharding.Mesh | None]:
+  mesh = _mesh(cfg)
+  if _CKPT.value:
+    try:
+      return restore.restore_model(_CKPT.value, mesh=mesh, dtype=_DTYPE.value), mesh
+    except (CheckpointError, ConfigError) as e:
+      _fail(str(e))
   dtype = jnp.dtype(_DTYPE.value or "float32")
   make = lambda: Transformer(cfg, rngs=nnx.Rngs(_SEED.value), param_dtype=dtype)  # noqa: E731
-  mesh = _mesh(cfg)
   return (make() if mesh is None else sharding.init_sharded(make, mesh)), mesh
+
+
+def _tokenizer(cfg: TextConfig, required: bool) -> ChatTokenizer | None:
+  """--tokenizer, else the checkpoint's (or --config directory's) tekken.json, else, for a
+  preset, the built-in one. Unless `required`, None when there is none or it does not fit."""
+  path = _TOKENIZER.value
+  if path is None and _CKPT.value:
+    path = os.path.join(_CKPT.value, "tekken.json")
+    if not os.path.isfile(path):
+      if required:
+        _fail(f"no tokenizer: {path} does not exist; pass --tokenizer=PATH to a "
+              "tekken.json, or raw --prompt_ids")
+      return None
+  elif path is None and _CONFIG.value not in configs.PRESETS:
+    path = os.path.join(_CONFIG.value, "tekken.json")
+    path = path if os.path.isfile(path) else None
+  try:
+    tok = ChatTokenizer.from_file(path) if path else ChatTokenizer.builtin()
+  except TokenizerFileError as e:
+    _fail(str(e))
+  fits = tok.vocab_size <= cfg.vocab_size and tok.eos_id == cfg.eos_token_id
+  if required and not fits:
+    _fail(f"tokenizer {tok.path} (vocab {tok.vocab_size}, </s> {tok.eos_id}) does not fit "
+          f"the model (vocab {cfg.vocab_size}, eos {cfg.eos_token_id})")
+  return tok if fits else None
+
+
+def _request() -> dict | None:
+  """The chat request from --prompt or --messages (None for raw --prompt_ids)."""
+  given = [f for f in (_PROMPT, _MESSAGES, _PROMPT_IDS) if f.value not in (None, [])]
+  if len(given) != 1:
+    raise app.UsageError("give exactly one of --prompt, --messages and --prompt_ids")
+  if _PROMPT_IDS.value:
+    return None
+  if _PROMPT.value is not None:
+    request = {"messages": [{"role": "user", "content": _PROMPT.value}]}
+  else:
+    try:
+      with open(_MESSAGES.value, encoding="utf-8") as f:
+        request = json.load(f)
+    except (OSError, ValueError) as e:
+      _fail(f"--messages={_MESSAGES.value}: {e}")
+    request = {"messages": request} if isinstance(request, list) else request
+  if _REASONING.value is not None and isinstance(request, dict):
+    request = {**request, "reasoning_effort": _REASONING.value}
+  return request
+
+
+def _sampling(effort: str) -> tuple[Sampling, int]:
+  """Flags over the effort's defaults -> (sampling, max_new_tokens)."""
+  pick = lambda flag, key: DEFAULTS[effort][key] if flag.value is None else flag.value  # noqa
+  try:
+    return (Sampling(pick(_TEMPERATURE, "temperature"), pick(_TOP_K, "top_k"),
+                     pick(_TOP_P, "top_p")), pick(_MAX_NEW, "max_new_tokens"))
+  except ValueError as e:
+    raise app.UsageError(f"bad sampling flag: {e}") from None
+
+
+class _Terminal:
+  """Shows the answer as it comes: reasoning (dimmed on a terminal) and the answer under
+  their own headers, each tool call as `[tool call i] name (id ...)` over its arguments;
+  raw ids as numbers."""
+
+  def __init__(self, out=sys.stdout):
+    self.out = out
+    self.header = None
+    self.dim = out.isatty()
+
+  def raw(self, token: int) -> None:
+    self.out.write(f"{token} ")
+    self.out.flush()
+
+  def show(self, deltas: list[Delta]) -> None:
+    for d in deltas:
+      if d.kind == "reasoning":
+        self._under("[reasoning]")
+        self.out.write(f"\033[2m{d.text}\033[0m" if self.dim else d.text)
+      elif d.kind == "content":
+        self._under("[answer]")
+        self.out.write(d.text)
+      elif d.kind == "call":
+        self._under(f"[tool call {d.index}] {d.name} (id {d.id})")
+      elif d.kind == "arguments":
+        self.out.write(d.text)
+      elif d.kind == "error":
+        self._under(f"[tool call {d.index}: {d.text}]")
+    self.out.flush()
+
+  def _under(self, header: str) -> None:
+    if header != self.header:
+      self.out.write(("\n" if self.header else "") + header + "\n")
+      self.header = header
+
+
+def _dry_run(prompt: list[int], tok: ChatTokenizer | None, sampling: str) -> None:
+  print(f"{sampling}\nprompt: {len(prompt)} tokens\n{','.join(map(str, prompt))}")
+  if tok is not None and all(0 <= t < tok.vocab_size for t in prompt):
+    print(tok.render(prompt))
+  if _OUTPUT_JSON.value:
+    with open(_OUTPUT_JSON.value, "w") as f:
+      json.dump({"prompt_ids": prompt}, f)
 
 
 def main(argv):
   del argv
+  logging.getLogger("mistral_common").setLevel(logging.WARNING)  # its INFO lines are noise
+  request = _request()
+  cfg = _config()
+  # Raw ids need no tokenizer; a dry run shows them as text when there is one.
+  tok = _tokenizer(cfg, required=True) if request is not None else (
+      _tokenizer(cfg, required=False) if _DRY_RUN.value else None)
+  try:
+    prompt = [int(t) for t in _PROMPT_IDS.value] if request is None else tok.encode(request)
+  except (ValueError, ChatRequestError) as e:
+    _fail(f"bad prompt: {e}")
+  sampling, max_new = _sampling((request or {}).get("reasoning_effort") or "none")
+  if _DRY_RUN.value:
+    return _dry_run(prompt, tok, f"{sampling}, max_new_tokens={max_new}")
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except distributed.DistributedError as e:
     raise app.UsageError(str(e)) from None
   leader = distributed.is_leader()
-  if not _PROMPT_IDS.value:
-    raise app.UsageError("--prompt_ids is required (text and chat input arrive later)")
-  try:
-    prompt = [int(t) for t in _PROMPT_IDS.value]
-    sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  except ValueError as e:
-    raise app.UsageError(f"bad sampling or prompt flag: {e}") from None
-  model, mesh = _load_model()
-  engine = Engine(model, max_len=_MAX_LEN.value, mesh=mesh)
+  model, mesh = _load_model(cfg)
+  engine = Engine(model, max_len=_MAX_LEN.value or len(prompt) + max_new, mesh=mesh)
+  parser = tok.stream_parser() if request is not None else None
+  terminal = _Terminal()
   start = time.perf_counter()
-  generated = []
+  generated, deltas, shown = [], [], 0
   try:
-    for step in engine.stream([prompt], _MAX_NEW.value, sampling, seed=_SEED.value):
+    for step in engine.stream([prompt], max_new, sampling, seed=_SEED.value):
       if step[0] is None:
         break
       generated.append(step[0])
+      if parser is None:
+        if leader:
+          terminal.raw(step[0])
+        continue
+      deltas += parser.feed(step[0])
       if leader:
-        print(step[0], end=" ", flush=True)
+        terminal.show(deltas[shown:])
+      shown = len(deltas)
   except RequestError as e:
-    raise app.UsageError(str(e)) from None
+    _fail(str(e))
   seconds = time.perf_counter() - start
+  if parser is None:
+    answer = {"finish_reason": "stop" if generated[-1:] == [cfg.eos_token_id] else "length"}
+  else:
+    deltas += parser.finish()
+    answer = collect(deltas)
   if not leader:
     return
+  terminal.show(deltas[shown:])
   where = f"mesh {dict(mesh.shape)}" if mesh is not None else "1 device"
-  print(f"\n[{len(generated)} tokens in {seconds:.2f} s incl. compilation, "
-        f"backend {jax.default_backend()}, {where}, {jax.process_count()} process(es)]",
-        file=sys.stderr)
+  print(f"\n[{len(generated)} tokens in {seconds:.2f} s incl. compilation, finish_reason "
+        f"{answer['finish_reason']}, backend {jax.default_backend()}, {where}, "
+        f"{jax.process_count()} process(es)]", file=sys.stderr)
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
-      json.dump({"token_ids": generated, "prompt_ids": prompt}, f)
+      json.dump({"prompt_ids": prompt, "token_ids": generated, **answer}, f,
+                ensure_ascii=False)
 
 
 if __name__ == "__main__":

@@ -1,34 +1,47 @@
-"""launch/generate.py end to end: a converted float32 checkpoint reproduces the oracle."""
+"""launch/generate.py end to end: a converted float32 checkpoint reproduces the oracle; chat
+on the tiny preset (the README's first command), dry runs, sampling defaults, clear errors."""
 
 import json
 import os
+import pathlib
+import random
+import shlex
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from smallfour.chat import ChatTokenizer
 from smallfour.checkpoint import convert as convert_lib
 from tests import oracle
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "launch" / "examples"
 
 
-def _generate(*flags):
-  return subprocess.run([sys.executable, os.path.join(REPO, "launch", "generate.py"), *flags],
-                        capture_output=True, text=True, timeout=600)
+def _generate(*flags, env=None):
+  return subprocess.run([sys.executable, str(REPO / "launch" / "generate.py"), *flags],
+                        capture_output=True, text=True, timeout=600,
+                        env=None if env is None else {**os.environ, **env})
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  """A float32 checkpoint converted from the oracle (no tekken.json), and the oracle."""
+  tmp = tmp_path_factory.mktemp("converted")
+  hf = oracle.hf_model(oracle.hf_config(num_hidden_layers=2, eos_token_id=255), seed=4)
+  hf.save_pretrained(tmp / "hf")
+  convert_lib.convert(str(tmp / "hf"), str(tmp / "ckpt"), dtype="float32", progress=False)
+  return tmp / "ckpt", hf
 
 
 @pytest.mark.parametrize("mesh", ["data:1,expert:1,tensor:1", "data:1,expert:4,tensor:2"])
-def test_converted_float32_checkpoint_reproduces_transformers(tmp_path, mesh):
+def test_converted_float32_checkpoint_reproduces_transformers(tmp_path, converted, mesh):
   """Restored onto one device, or straight into its shards on a mesh (8 CPU devices)."""
-  cfg = oracle.hf_config(num_hidden_layers=2, eos_token_id=255)
-  hf = oracle.hf_model(cfg, seed=4)
-  hf.save_pretrained(tmp_path / "hf")
-  convert_lib.convert(str(tmp_path / "hf"), str(tmp_path / "ckpt"), dtype="float32",
-                      progress=False)
+  ckpt, hf = converted
   prompt = [5, 9, 200, 17, 3, 88]
-  out = _generate(f"--ckpt={tmp_path / 'ckpt'}", "--prompt_ids=" + ",".join(map(str, prompt)),
+  out = _generate(f"--ckpt={ckpt}", "--prompt_ids=" + ",".join(map(str, prompt)),
                   "--max_new_tokens=30", f"--output_json={tmp_path / 'out.json'}",
                   f"--mesh={mesh}")
   assert out.returncode == 0, out.stderr
@@ -40,21 +53,97 @@ def test_converted_float32_checkpoint_reproduces_transformers(tmp_path, mesh):
   assert " ".join(map(str, got)) in out.stdout  # streamed to the terminal
 
 
+def test_checkpoint_tokenizer_errors(converted):
+  """Chat on a checkpoint needs its tekken.json (or --tokenizer) and one that fits it."""
+  ckpt, _ = converted
+  missing = _generate(f"--ckpt={ckpt}", "--prompt=hi")
+  assert missing.returncode != 0
+  assert f"no tokenizer: {ckpt / 'tekken.json'} does not exist" in missing.stderr
+  builtin = ChatTokenizer.builtin().path
+  misfit = _generate(f"--ckpt={ckpt}", "--prompt=hi", f"--tokenizer={builtin}", "--dry_run")
+  assert misfit.returncode != 0 and "does not fit the model (vocab 256" in misfit.stderr
+
+
+def _readme_command() -> str:
+  """The README's first command (what CI runs), without its `pip install -e . && `."""
+  block = (REPO / "README.md").read_text().split("```bash\n", 1)[1].split("\n", 1)[0]
+  install, command = block.split(" && ", 1)
+  assert install == "pip install -e ." and command.startswith("python launch/generate.py ")
+  return command
+
+
+def test_readme_command_chats_on_a_fresh_machine(tmp_path):
+  """Fresh: the built-in tokenizer file is written into an empty cache directory."""
+  args = shlex.split(_readme_command())[2:]
+  assert "--config=tiny" in args and any(a.startswith("--prompt=") for a in args)
+  out = _generate(*args, f"--output_json={tmp_path / 'out.json'}",
+                  env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+  assert out.returncode == 0, out.stderr
+  assert list((tmp_path / "cache" / "smallfour").glob("tekken_v15_*.json"))
+  result = json.loads((tmp_path / "out.json").read_text())
+  assert set(result) == {"prompt_ids", "token_ids", "reasoning", "content", "tool_calls",
+                         "finish_reason"}
+  tok = ChatTokenizer.builtin()
+  prompt = next(a.split("=", 1)[1] for a in args if a.startswith("--prompt="))
+  assert result["prompt_ids"] == tok.encode({"messages": [{"role": "user", "content": prompt}]})
+  parsed = tok.parse(result["token_ids"], random.Random(0))
+  for call in parsed["tool_calls"] + result["tool_calls"]:
+    call.pop("id")
+  assert {k: result[k] for k in parsed} == parsed
+  for text in (result["reasoning"], result["content"]):
+    assert text is None or text in out.stdout  # streamed to the terminal
+
+
+@pytest.mark.parametrize("flags, sampling", [
+    (["--prompt=hi"], "Sampling(temperature=0.0, top_k=0, top_p=1.0), max_new_tokens=1024"),
+    (["--prompt=hi", "--reasoning_effort=high"],
+     "Sampling(temperature=0.7, top_k=0, top_p=1.0), max_new_tokens=8192"),
+    ([f"--messages={EXAMPLES / 'weather_round_trip.json'}", "--temperature=0.2", "--top_p=0.9",
+      "--max_new_tokens=64"],
+     "Sampling(temperature=0.2, top_k=0, top_p=0.9), max_new_tokens=64"),
+])
+def test_dry_run(tmp_path, flags, sampling):
+  """Encodes, shows the prompt and the sampling defaults of its reasoning effort (overridable),
+  writes the prompt ids; no weights."""
+  out = _generate("--config=tiny", "--dry_run", *flags, f"--output_json={tmp_path / 'o.json'}")
+  assert out.returncode == 0, out.stderr
+  tok = ChatTokenizer.builtin()
+  messages = next((f.split("=", 1)[1] for f in flags if f.startswith("--messages=")), None)
+  request = (json.loads(pathlib.Path(messages).read_text()) if messages else
+             {"messages": [{"role": "user", "content": "hi"}]})
+  if "--reasoning_effort=high" in flags:
+    request["reasoning_effort"] = "high"
+  ids = tok.encode(request)
+  assert json.loads((tmp_path / "o.json").read_text()) == {"prompt_ids": ids}
+  assert out.stdout.splitlines()[:3] == [sampling, f"prompt: {len(ids)} tokens",
+                                         ",".join(map(str, ids))]
+  assert tok.render(ids) in out.stdout
+  assert "tokens in" not in out.stderr  # nothing was generated
+
+
 def test_tiny_preset_and_bad_flags(tmp_path):
   ok = _generate("--config=tiny", "--prompt_ids=1,2,3", "--max_new_tokens=5",
                  "--temperature=0.7", "--top_k=20", "--top_p=0.9", "--seed=3",
                  f"--output_json={tmp_path / 'o.json'}")
   assert ok.returncode == 0, ok.stderr
   assert len(json.loads((tmp_path / "o.json").read_text())["token_ids"]) == 5
+  (tmp_path / "bad.json").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                     '{"role": "tool", "tool_call_id": "x", "content": "1"}]}')
   for flags, message in [
       (["--temperature=-1"], "temperature must be >= 0"),
       (["--top_p=0"], "top_p must lie in (0, 1]"),
-      (["--prompt_ids=1,9999"], "token ids outside [0, 512)"),
+      (["--prompt_ids=1,131072"], "token ids outside [0, 131072)"),
       (["--mesh=data:1,expert:x"], "expected data:D,expert:E,tensor:T"),
       (["--mesh=data:1,expert:16,tensor:1"], "needs 16 devices; 8 are available"),
       (["--mesh=data:1,expert:3,tensor:1"], "8 experts are not divisible by the expert axis"),
       (["--num_processes=2"], "need all of --coordinator_address, --num_processes"),
       (["--ckpt=/nonexistent"], "give exactly one of --ckpt and --config"),
+      (["--prompt=hi"], "give exactly one of --prompt, --messages and --prompt_ids"),
+      (["--prompt_ids=", f"--messages={tmp_path / 'bad.json'}"],
+       "messages[1].tool_call_id: 'x' answers no tool call"),
+      (["--prompt_ids=", f"--messages={tmp_path / 'none.json'}"], "No such file"),
+      (["--prompt_ids=", "--prompt=hi", "--reasoning_effort=low"],
+       "flag --reasoning_effort=low: value should be one of <none|high>"),
   ]:
     bad = _generate("--config=tiny", "--prompt_ids=1,2,3", "--max_new_tokens=2", *flags)
     assert bad.returncode != 0 and message in bad.stderr, (flags, bad.stderr[-500:])
