@@ -49,9 +49,9 @@ class TokenizerFileError(ValueError):
 class ChatTokenizer:
   """mistral-common's v15 tokenizer, with our request checks and output parsers."""
 
-  mistral: MistralTokenizer
+  mistral: MistralTokenizer = dataclasses.field(repr=False)
   path: pathlib.Path
-  output: chat_output.OutputTokens
+  output: chat_output.OutputTokens = dataclasses.field(repr=False)
 
   @classmethod
   def from_file(cls, path: str | os.PathLike) -> ChatTokenizer:
