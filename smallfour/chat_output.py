@@ -6,11 +6,13 @@ control ids delimit it, so text that spells a marker is text. Text is decoded pe
 between control ids (control ids add nothing, undecodable bytes become U+FFFD), which is
 what mistral-common's decode does and what makes the streamed text equal the whole.
 
-Malformed output never raises: an unclosed [THINK] makes the rest reasoning, a stray
-[/THINK] or a second [THINK] is dropped, a call without [ARGS] is split at its first "{"
-(and dropped when it has none, unless the token limit cut it), and arguments that are not
-JSON are kept as text with an "error". Call ids are 9 random letters and digits (the model
-never emits one; vLLM's convention), drawn from `rng`.
+A call's `arguments` are its JSON text as generated (whitespace around it trimmed), not
+re-serialised, so that the streamed argument deltas add up to it; mistral-common normalises
+them when they are sent back. Malformed output never raises: an unclosed [THINK] makes the
+rest reasoning, a stray [/THINK] or a second [THINK] is dropped, a call without [ARGS] is
+split at its first "{" (and dropped when it has none, unless the token limit cut it), and
+arguments that are not JSON (trailing text included) are kept with an "error". Call ids are
+9 random letters and digits (the model never emits one; vLLM's convention), drawn from `rng`.
 """
 
 from __future__ import annotations
