@@ -4,6 +4,7 @@ fast paths: the orbax-layout writer, FP8 table lookup, blocked copies, block rea
 import json
 import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,12 +17,13 @@ import torch
 from flax import nnx
 from safetensors.numpy import save_file
 
+from smallfour import chat_vocab, sharding, summary
 from smallfour import config as config_lib
-from smallfour import sharding, summary
 from smallfour.checkpoint import convert as convert_lib
 from smallfour.checkpoint import formats
 from smallfour.checkpoint import restore as restore_lib
 from smallfour.checkpoint import fp8, strided, tree
+from smallfour.chat import ChatTokenizer
 from smallfour.checkpoint.orbax_writer import TreeWriter
 from smallfour.checkpoint.safetensors_source import SafetensorsSource
 from tests import checkpoints, oracle
@@ -100,8 +102,13 @@ def test_hub_layout_takes_the_scale_from_params_json(reference, tmp_path, caplog
   src = tmp_path / "hub"
   checkpoints.write_hf(str(src), cfg.to_dict(), tensors)
   (src / "params.json").write_text(json.dumps(checkpoints.native_params(cfg)))
+  shutil.copyfile(chat_vocab.builtin_tekken_path(), src / "tekken.json")  # as the hub ships
   with caplog.at_level(logging.INFO):
     convert_lib.convert(str(src), str(tmp_path / "out"), dtype="float32", progress=False)
+  # The tokenizer travels with the weights: `generate --ckpt` needs nothing else.
+  assert (tmp_path / "out" / "tekken.json").read_bytes() == (src / "tekken.json").read_bytes()
+  assert ChatTokenizer.from_file(str(tmp_path / "out" / "tekken.json")).encode(
+      {"messages": [{"role": "user", "content": "hi"}]})
   assert (f"{src}: hf tensors, config from params.json, cross-checked with config.json; "
           "softmax_scale_mode=plain: params.json yarn.apply_scale=false") in caplog.text
   out = str(tmp_path / "out")
