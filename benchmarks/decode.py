@@ -35,6 +35,7 @@ from flax import nnx
 from transformers import Mistral4Config, Mistral4ForCausalLM
 
 from smallfour import config as config_lib
+from smallfour import config_formats
 from smallfour import summary
 from smallfour.checkpoint import assemble, keymap
 from smallfour.inference.engine import Engine
@@ -72,7 +73,7 @@ def build_models():
     for name, p in hf.named_parameters():
       std = 1.0 if p.ndim == 1 or "embed" in name else 1 / p.shape[-1] ** 0.5
       p.copy_(torch.randn(p.shape, generator=gen) * std + (1.0 if p.ndim == 1 else 0.0))
-  cfg = config_lib.from_hf(hf_cfg.to_dict())
+  cfg = config_formats.from_hf(hf_cfg.to_dict())
   ours = Transformer(cfg, rngs=nnx.Rngs(0))
   tensors = {k: v.numpy() for k, v in hf.state_dict().items()}
   assemble.load_into(ours, [m for g in keymap.hf_maps(cfg) for m in g],

@@ -5,6 +5,7 @@ from typing import Callable
 
 from smallfour.configs import small4_119b, tiny
 from smallfour import config as config_lib
+from smallfour import config_files
 
 PRESETS: dict[str, Callable[[], config_lib.TextConfig]] = {
     "small4_119b": small4_119b.get_config,
@@ -17,6 +18,6 @@ def resolve(spec: str) -> config_lib.TextConfig:
   if spec in PRESETS:
     return PRESETS[spec]()
   if os.path.isdir(spec):
-    return config_lib.load_dir(spec)
+    return config_files.load_dir(spec)
   raise config_lib.ConfigError(
       f"--config={spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a directory")

@@ -13,7 +13,6 @@ importable from here too.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from typing import Any, Literal, Mapping
 
@@ -169,13 +168,3 @@ def _validate(c: TextConfig) -> None:
     if getattr(c, tok) is not None and not 0 <= getattr(c, tok) < c.vocab_size:
       raise ConfigError(f"{tok}={getattr(c, tok)} outside vocab_size={c.vocab_size}")
 
-
-# Importable from here as before; those modules import this one, so load them on first use.
-_ELSEWHERE = {"from_hf": "config_formats", "from_params": "config_formats",
-              "load_dir": "config_files", "load_file": "config_files"}
-
-
-def __getattr__(name: str) -> Any:
-  if name in _ELSEWHERE:
-    return getattr(importlib.import_module(f"smallfour.{_ELSEWHERE[name]}"), name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,7 +34,7 @@ ORACLE_OVERRIDES = [{}, dict(num_hidden_layers=3, first_k_dense_replace=1, n_gro
                              n_shared_experts=2, routed_scaling_factor=1.3),
                     dict(num_hidden_layers=2, first_k_dense_replace=1)]
 CONFIGS = [configs.resolve(name) for name in ("small4_119b", "tiny")] + [
-    config_lib.from_hf(oracle.hf_config(**kw).to_dict()) for kw in ORACLE_OVERRIDES]
+    config_formats.from_hf(oracle.hf_config(**kw).to_dict()) for kw in ORACLE_OVERRIDES]
 FOLD, PLAIN = "hf_mscale_fold", "plain"
 
 
@@ -47,25 +47,25 @@ def test_presets():
 
 
 def test_native_params_json_gives_the_preset():
-  assert config_lib.from_params(RELEASE_PARAMS) == configs.resolve("small4_119b")
+  assert config_formats.from_params(RELEASE_PARAMS) == configs.resolve("small4_119b")
   folded = dict(RELEASE_PARAMS, yarn=dict(RELEASE_PARAMS["yarn"], apply_scale=True))
-  assert config_lib.from_params(folded).softmax_scale_mode == "hf_mscale_fold"
+  assert config_formats.from_params(folded).softmax_scale_mode == "hf_mscale_fold"
 
 
 def test_hf_defaults_give_the_preset_with_transformers_scale():
   """transformers 5.23's Mistral4Config defaults describe the release; it folds mscale²."""
   expected = configs.resolve("small4_119b").replace(softmax_scale_mode="hf_mscale_fold")
   bare = Mistral4Config().to_dict()
-  assert config_lib.from_hf(bare) == expected
+  assert config_formats.from_hf(bare) == expected
   wrapped = Mistral3Config(text_config=Mistral4Config().to_dict(),
                            tie_word_embeddings=False).to_dict()
-  assert config_lib.from_hf(wrapped) == expected
+  assert config_formats.from_hf(wrapped) == expected
 
 
 def test_legacy_rope_scaling_key():
   d = Mistral4Config().to_dict()
   d["rope_scaling"] = d.pop("rope_parameters")
-  assert config_lib.from_hf(d).rope == configs.resolve("small4_119b").rope
+  assert config_formats.from_hf(d).rope == configs.resolve("small4_119b").rope
 
 
 def test_round_trip_dict():
@@ -94,14 +94,14 @@ def test_bad_hf_config_names_the_culprit(mutate, message):
   d = Mistral4Config().to_dict()
   mutate(d)
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-    config_lib.from_hf(d, "ckpt/config.json")
+    config_formats.from_hf(d, "ckpt/config.json")
 
 
 def test_bad_params_json_names_the_culprit():
   bad = dict(RELEASE_PARAMS, moe=dict(RELEASE_PARAMS["moe"]))
   del bad["moe"]["num_experts"]
   with pytest.raises(ConfigError, match=r"params.json:moe: missing required field 'num_experts'"):
-    config_lib.from_params(bad)
+    config_formats.from_params(bad)
 
 
 def test_resolve_directories(tmp_path):
@@ -125,7 +125,7 @@ def test_unknown_preset():
 def test_eos_may_be_absent():
   d = Mistral4Config().to_dict()
   d["eos_token_id"] = None
-  assert config_lib.from_hf(d).eos_token_id is None
+  assert config_formats.from_hf(d).eos_token_id is None
 
 
 # ------------------------------------------------------------------ writers
@@ -137,7 +137,7 @@ def test_params_json_round_trip(cfg, mode):
   cfg = cfg.replace(softmax_scale_mode=mode)
   params = json.loads(json.dumps(config_formats.to_params(cfg)))
   # params.json leaves the token ids to tekken.json; its reader takes Mistral's.
-  assert config_lib.from_params(params) == cfg.replace(bos_token_id=1, eos_token_id=2,
+  assert config_formats.from_params(params) == cfg.replace(bos_token_id=1, eos_token_id=2,
                                                        pad_token_id=11)
 
 
@@ -149,17 +149,17 @@ def test_config_json_round_trip(cfg):
     config_formats.to_hf(cfg.replace(softmax_scale_mode=PLAIN))
   cfg = cfg.replace(softmax_scale_mode=FOLD)
   hf = json.loads(json.dumps(config_formats.to_hf(cfg)))
-  assert config_lib.from_hf(hf) == cfg
-  assert config_lib.from_hf(Mistral4Config(**hf).to_dict()) == cfg
+  assert config_formats.from_hf(hf) == cfg
+  assert config_formats.from_hf(Mistral4Config(**hf).to_dict()) == cfg
   no_fold = cfg.replace(rope=dataclasses.replace(cfg.rope, mscale_all_dim=0.0),
                         softmax_scale_mode=PLAIN)
-  assert config_lib.from_hf(config_formats.to_hf(no_fold)) == no_fold
+  assert config_formats.from_hf(config_formats.to_hf(no_fold)) == no_fold
 
 
 @pytest.mark.parametrize("overrides", ORACLE_OVERRIDES)
 def test_config_json_is_what_transformers_reads(overrides):
   want = oracle.hf_config(**overrides)
-  hf = config_formats.to_hf(config_lib.from_hf(want.to_dict()))
+  hf = config_formats.to_hf(config_formats.from_hf(want.to_dict()))
   got = Mistral4Config(**hf)
   for key in set(hf) - {"rope_parameters"}:
     assert getattr(got, key) == getattr(want, key), key
@@ -222,24 +222,24 @@ def _params(**changes):
 def test_params_json_defaults():
   preset = configs.resolve("small4_119b")
   # No apply_scale: plain, as Mistral's stack reads it.
-  assert config_lib.from_params(_params(yarn__apply_scale=None)) == preset
+  assert config_formats.from_params(_params(yarn__apply_scale=None)) == preset
   with pytest.raises(ConfigError, match="params.json:yarn: apply_scale='false' is not true"):
-    config_lib.from_params(_params(yarn__apply_scale="false"))
+    config_formats.from_params(_params(yarn__apply_scale="false"))
   # No context length: YaRN's window (factor x original), or the older max_seq_len.
   small = _params(max_position_embeddings=None, yarn__factor=4)
-  assert config_lib.from_params(small).max_position_embeddings == 4 * 8192
+  assert config_formats.from_params(small).max_position_embeddings == 4 * 8192
   small["max_seq_len"] = 1000
-  assert config_lib.from_params(small).max_position_embeddings == 1000
+  assert config_formats.from_params(small).max_position_embeddings == 1000
   with pytest.raises(ConfigError, match=r"params.json:moe: route_every_n=2 is not supported"):
-    config_lib.from_params(_params(moe__route_every_n=2))
+    config_formats.from_params(_params(moe__route_every_n=2))
 
 
 def test_params_json_unknown_fields_warn(recwarn):
-  config_lib.from_params(dict(RELEASE_PARAMS, vision_encoder={"hidden_size": 1024},
+  config_formats.from_params(dict(RELEASE_PARAMS, vision_encoder={"hidden_size": 1024},
                               moe=dict(RELEASE_PARAMS["moe"], expert_parallel=1)))
   assert not recwarn.list  # the release's other fields are known
   with pytest.warns(UserWarning, match=r"params.json: ignoring unknown fields lora, moe.jitter"):
-    config_lib.from_params(_params(lora={"rank": 8}, moe__jitter=0.1))
+    config_formats.from_params(_params(lora={"rank": 8}, moe__jitter=0.1))
 
 
 # ------------------------------------------------------- the hub's two files

@@ -18,7 +18,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from smallfour import chat_vocab, sharding, summary
-from smallfour import config as config_lib
+from smallfour import config_formats
 from smallfour.checkpoint import convert as convert_lib
 from smallfour.checkpoint import formats
 from smallfour.checkpoint import restore as restore_lib
@@ -237,7 +237,7 @@ def test_reads_of_blocks(tmp_path):
 
 @pytest.mark.parametrize("dense", [0, 1, 3])
 def test_abstract_flat_equals_the_traced_model(dense):
-  cfg = config_lib.from_hf(hf_cfg().to_dict()).replace(num_layers=4, first_k_dense_replace=dense)
+  cfg = config_formats.from_hf(hf_cfg().to_dict()).replace(num_layers=4, first_k_dense_replace=dense)
   def described(flat):
     return {path: (var.shape, var.dtype, var.get_metadata()) for path, var in flat}
 

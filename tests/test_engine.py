@@ -8,7 +8,7 @@ import torch
 from flax import nnx
 
 from smallfour import configs
-from smallfour import config as config_lib
+from smallfour import config_formats
 from smallfour.inference import forward
 from smallfour.inference.cache import LatentCache
 from smallfour.inference.engine import Engine, RequestError
@@ -25,7 +25,7 @@ def test_greedy_equals_transformers_generate(plain):
   hf_cfg = oracle.hf_config(first_k_dense_replace=1, n_group=2, topk_group=1,
                             eos_token_id=255)
   hf = oracle.hf_model(hf_cfg, seed=11, plain_softmax_scale=plain)
-  cfg = config_lib.from_hf(hf_cfg.to_dict())
+  cfg = config_formats.from_hf(hf_cfg.to_dict())
   if plain:
     cfg = cfg.replace(softmax_scale_mode="plain")
   engine = Engine(oracle.ours(hf, cfg), max_len=96, prefill_chunk=16)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from smallfour import configs
-from smallfour import config as config_lib
+from smallfour import config_formats
 from smallfour import sharding
 from smallfour.checkpoint import convert as convert_lib
 from smallfour.inference.engine import Engine
@@ -33,7 +33,7 @@ def hf_and_cfg():
   hf_cfg = oracle.hf_config(first_k_dense_replace=1, n_group=2, topk_group=1,
                             eos_token_id=None)
   hf = oracle.hf_model(hf_cfg, seed=21)
-  return hf, config_lib.from_hf(hf_cfg.to_dict())
+  return hf, config_formats.from_hf(hf_cfg.to_dict())
 
 
 def _mesh(spec: str, cfg) -> jax.sharding.Mesh:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from smallfour import config as config_lib
+from smallfour import config_formats
 from smallfour.checkpoint import assemble, keymap
 from smallfour.nn.decoder import Transformer
 from tests import oracle
@@ -13,7 +13,7 @@ from tests import oracle
 @pytest.fixture(scope="module")
 def tiny():
   hf_cfg = oracle.hf_config(num_hidden_layers=2, first_k_dense_replace=1)
-  cfg = config_lib.from_hf(hf_cfg.to_dict())
+  cfg = config_formats.from_hf(hf_cfg.to_dict())
   return cfg, oracle.state_dict_numpy(oracle.hf_model(hf_cfg))
 
 

@@ -9,7 +9,7 @@ from transformers import Mistral4Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.mistral4 import modeling_mistral4 as hf
 
-from smallfour import config as config_lib
+from smallfour import config_formats
 from smallfour.nn import rope
 from smallfour.nn.mla import MLA
 from smallfour.nn.moe import Router
@@ -27,7 +27,7 @@ ROPE_CASES = {
 @pytest.mark.parametrize("case", sorted(ROPE_CASES))
 def test_yarn_frequencies_and_tables(case):
   hf_cfg = ROPE_CASES[case]
-  cfg = config_lib.from_hf(hf_cfg.to_dict())
+  cfg = config_formats.from_hf(hf_cfg.to_dict())
   hf_inv, hf_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg)
   ours = rope.yarn_inv_freq(cfg.qk_rope_head_dim, cfg.rope)
   # numpy and torch raise theta to float32 powers with vectorised pow kernels that are within
@@ -49,7 +49,7 @@ def test_yarn_frequencies_and_tables(case):
 
 
 def test_release_frequencies_match_spec():
-  inv = rope.yarn_inv_freq(64, config_lib.from_hf(Mistral4Config().to_dict()).rope)
+  inv = rope.yarn_inv_freq(64, config_formats.from_hf(Mistral4Config().to_dict()).rope)
   np.testing.assert_allclose(inv[[12, 13, 24, 25, 31]],
                              [3.162278e-02, 2.190385e-02, 8.413462e-05, 5.858549e-06,
                               1.041814e-06], rtol=1e-6)
@@ -115,7 +115,7 @@ def test_router_choices(groups, norm_topk_prob):
   hf_cfg = oracle.hf_config(n_routed_experts=32, num_experts_per_tok=4, n_group=n_group,
                             topk_group=topk_group, norm_topk_prob=norm_topk_prob,
                             routed_scaling_factor=1.7)
-  cfg = config_lib.from_hf(hf_cfg.to_dict())
+  cfg = config_formats.from_hf(hf_cfg.to_dict())
   ref = hf.Mistral4TopkRouter(hf_cfg)
   w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)) * 3 / 8
   ref.weight.data = w
@@ -137,7 +137,7 @@ def _tiny_attention(seed=0):
   """One MLA layer loaded from an oracle model, plus the matching HF module."""
   hf_cfg = oracle.hf_config(num_hidden_layers=1, qk_nope_head_dim=16, v_head_dim=12)
   hf_model = oracle.hf_model(hf_cfg, seed=seed)
-  cfg = config_lib.from_hf(hf_cfg.to_dict())
+  cfg = config_formats.from_hf(hf_cfg.to_dict())
   return hf_model, oracle.ours(hf_model, cfg), cfg
 
 

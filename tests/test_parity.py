@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from smallfour import config as config_lib
+from smallfour import config_formats
 from tests import oracle
 
 # Each case: (HF config overrides, patch HF to the plain softmax scale, sequence length).
@@ -38,7 +38,7 @@ def forward(model, tokens):
 def test_logits_match_transformers(case):
   overrides, plain, seq_len = CASES[case]
   hf_cfg = oracle.hf_config(**overrides)
-  cfg = config_lib.from_hf(hf_cfg.to_dict())
+  cfg = config_formats.from_hf(hf_cfg.to_dict())
   if plain:
     cfg = cfg.replace(softmax_scale_mode="plain")
   assert cfg.softmax_scale_mode == ("plain" if plain or case.startswith("no_norm") else
@@ -55,7 +55,7 @@ def test_softmax_scale_modes_differ_except_at_position_zero():
   """The two modes are distinguishable, so the parity cases above pin the right one."""
   hf_cfg = oracle.hf_config(num_hidden_layers=1)
   hf = oracle.hf_model(hf_cfg, seed=3)
-  folded = config_lib.from_hf(hf_cfg.to_dict())
+  folded = config_formats.from_hf(hf_cfg.to_dict())
   tokens = jax.numpy.asarray(np.random.default_rng(0).integers(0, 256, (1, 40)))
   a = np.asarray(forward(oracle.ours(hf, folded), tokens))
   b = np.asarray(forward(oracle.ours(hf, folded.replace(softmax_scale_mode="plain")), tokens))

@@ -30,7 +30,12 @@ class Sampling:
 
 
 def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
-  """logits: [B, V] -> token ids [B] int32. Deterministic for a given key."""
+  """logits: [B, V] -> token ids [B] int32. Deterministic for a given key.
+
+  Filters compare logits, so ties survive together: top-k keeps every token equal to the
+  k-th largest logit, and top-p every token equal to the last one its mass needs
+  (tests/test_sampling.py checks this against a numpy reference).
+  """
   logits = logits.astype(jnp.float32)
   if s.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -2,7 +2,7 @@
 
 The snapshot is the code's own earlier output, not an independent truth: it catches
 unintended changes to the rule table or the parameter tree. After an intended change, run
-`SMALLFOUR_UPDATE_SNAPSHOTS=1 python -m pytest tests/test_golden_specs.py` (which rewrites
+`SMALLFOUR_UPDATE_SNAPSHOTS=1 python -m pytest tests/test_partition_spec_snapshot.py` (which rewrites
 the file and fails), review the diff, then rerun without the variable.
 """
 
