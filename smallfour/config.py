@@ -6,8 +6,7 @@ the field (spec: ARCHITECTURE.md §1).
 
 The released formats are read and written by `config_formats` (`from_hf`, `from_params`,
 `to_hf`, `to_params`, `from_hub`: one field table, each format with its own reference's
-semantics) and directories by `config_files` (`load_dir`, `load_file`); the readers are
-importable from here too.
+semantics) and directories by `config_files` (`load_dir`, `load_file`).
 """
 
 from __future__ import annotations
