@@ -1,5 +1,8 @@
 """`sample` against an independent numpy reference of the kept tokens and their frequencies.
 
+`sample_rows` (parameters and keys per row) is held to the same reference, with every row
+alike and with rows that mix greedy, temperature, top-k and top-p in one batch.
+
 The reference follows the definitions in float64: logits / temperature; top_k keeps every
 token at least as large as the k-th largest (ties with it included); top_p then sorts the
 top-k renormalised distribution and keeps each token whose mass before it is below top_p,
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats  # installed with jax
 
-from smallfour.inference.sampling import Sampling, sample
+from smallfour.inference.sampling import Sampling, SamplingRows, sample, sample_rows
 
 DRAWS = 40_000  # keys per case
 # Logits on a 0.1 grid: any two are equal or ~0.1 apart, so no case hangs on a near-tie.
@@ -46,6 +49,14 @@ def draws(logits: np.ndarray, s: Sampling) -> np.ndarray:
   return np.asarray(jax.jit(jax.vmap(lambda key: sample(jnp.asarray(logits), key, s)))(keys))
 
 
+def draws_rows(logits: np.ndarray, rows: list[Sampling]) -> np.ndarray:
+  """`draws` through `sample_rows`, row r with `rows[r]` and its own keys: [DRAWS, R]."""
+  keys = jax.random.split(jax.random.key(0), (DRAWS, len(rows)))
+  params = SamplingRows.of(rows)
+  return np.asarray(jax.jit(jax.vmap(
+      lambda key: sample_rows(jnp.asarray(logits), key, params)))(keys))
+
+
 def assert_drawn_from(tokens: np.ndarray, probs: np.ndarray) -> None:
   """Every draw is kept, every kept token is drawn, counts fit `probs` (chi-square)."""
   kept = np.flatnonzero(probs)
@@ -71,10 +82,21 @@ def assert_drawn_from(tokens: np.ndarray, probs: np.ndarray) -> None:
     Sampling(2.0, top_k=1),
     Sampling(0.8, top_p=1e-6),
 ], ids=str)
-def test_draws_follow_the_reference(s):
+@pytest.mark.parametrize("per_row", [False, True], ids=["sample", "sample_rows"])
+def test_draws_follow_the_reference(s, per_row):
   rows = np.concatenate([RANDOM, TIES[None]])
-  got = draws(rows, s)
+  got = draws_rows(rows, [s] * len(rows)) if per_row else draws(rows, s)
   for row, tokens in zip(rows, got.T):
+    assert_drawn_from(tokens, reference(row, s))
+
+
+def test_rows_with_mixed_parameters_each_follow_their_own():
+  mixed = [Sampling(), Sampling(1.5, top_p=0.8), Sampling(0.7, top_k=5),
+           Sampling(0.9, top_k=6, top_p=0.7), Sampling(1.0)]
+  rows = np.concatenate([RANDOM, TIES[None], RANDOM[:1], TIES[None]])
+  got = draws_rows(rows, mixed)
+  assert (got[:, 0] == np.argmax(rows[0])).all()
+  for row, s, tokens in zip(rows[1:], mixed[1:], got.T[1:]):
     assert_drawn_from(tokens, reference(row, s))
 
 
@@ -94,14 +116,19 @@ def _ties_top_p(temperature: float, tied: int, top_k: int = TIES.size) -> float:
     (Sampling(1.0, top_p=_ties_top_p(1.0, 4)), [0, 1, 2, 3, 4]),
     (Sampling(0.6, top_k=12, top_p=_ties_top_p(0.6, 4, top_k=12)), [0, 1, 2, 3, 4]),
 ], ids=str)
-def test_ties_with_the_last_kept_token_are_kept(s, kept):
+@pytest.mark.parametrize("per_row", [False, True], ids=["sample", "sample_rows"])
+def test_ties_with_the_last_kept_token_are_kept(s, kept, per_row):
   probs = reference(TIES, s)
   np.testing.assert_array_equal(np.flatnonzero(probs), kept)
-  assert_drawn_from(draws(TIES[None], s)[:, 0], probs)
+  got = draws_rows(TIES[None], [s]) if per_row else draws(TIES[None], s)
+  assert_drawn_from(got[:, 0], probs)
 
 
 def test_greedy_is_the_first_argmax_for_any_key():
   rows = jnp.asarray(np.concatenate([RANDOM, TIES[None]]))
   for seed in range(5):
     got = sample(rows, jax.random.key(seed), Sampling())
+    np.testing.assert_array_equal(got, np.argmax(np.asarray(rows), -1))
+    keys = jax.random.split(jax.random.key(seed), len(rows))
+    got = sample_rows(rows, keys, SamplingRows.of([Sampling()] * len(rows)))
     np.testing.assert_array_equal(got, np.argmax(np.asarray(rows), -1))

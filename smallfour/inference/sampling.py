@@ -1,11 +1,18 @@
-"""Token sampling: greedy, temperature, top-k and top-p, in float32 with explicit keys."""
+"""Token sampling: greedy, temperature, top-k and top-p, in float32 with explicit keys.
+
+`sample` takes one static `Sampling` for the whole batch; `sample_rows` takes them per row,
+as arrays (`SamplingRows`), with one key per row.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,3 +59,56 @@ def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
                      keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class SamplingRows:
+  """Per-row `Sampling` parameters as arrays, so that one compiled step serves any mix of
+  them (a continuous batch whose slots each carry their own request's)."""
+
+  temperature: jax.Array  # [B] float32; 0 means greedy
+  top_k: jax.Array  # [B] int32; 0 disables
+  top_p: jax.Array  # [B] float32; 1 disables
+
+  @classmethod
+  def of(cls, rows: Sequence[Sampling]) -> SamplingRows:
+    """Host arrays of `rows`' parameters, one row each."""
+    return cls(np.asarray([s.temperature for s in rows], np.float32),
+               np.asarray([s.top_k for s in rows], np.int32),
+               np.asarray([s.top_p for s in rows], np.float32))
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, s: SamplingRows) -> jax.Array:
+  """`sample` with each row's own key and parameters. logits: [B, V]; keys: [B] typed
+  PRNG keys -> token ids [B] int32.
+
+  Row b draws what `sample(logits[b:b+1], keys[b], Sampling(...row b...))` draws from, with
+  the same tie rules. The filters need one sort of the vocabulary per row, which is paid only
+  when some row filters, and a batch of greedy rows pays for no sampling at all.
+  """
+  logits = logits.astype(jnp.float32)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def drawn(logits):
+    z = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    filters = jnp.any((s.top_k > 0) | (s.top_p < 1))
+    z = jax.lax.cond(filters, _filtered_rows, lambda z, s: z, z, s)
+    return jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32)
+
+  sampled = jax.lax.cond(jnp.all(s.temperature == 0), lambda _: greedy, drawn, logits)
+  return jnp.where(s.temperature == 0, greedy, sampled)
+
+
+def _filtered_rows(z: jax.Array, s: SamplingRows) -> jax.Array:
+  """z: [B, V] tempered logits -> the same with each row's top-k / top-p rejects at -inf."""
+  v = z.shape[-1]
+  desc = jnp.sort(z, axis=-1)[..., ::-1]
+  k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, v), v)
+  kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)  # [B, 1]
+  desc = jnp.where(desc < kth, -jnp.inf, desc)  # = the sorted top-k survivors
+  probs = jax.nn.softmax(desc, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs
+  cutoff = jnp.min(jnp.where(before < s.top_p[:, None], desc, jnp.inf), axis=-1,
+                   keepdims=True)
+  cutoff = jnp.where(s.top_p[:, None] < 1, jnp.maximum(cutoff, kth), kth)
+  return jnp.where(z < cutoff, -jnp.inf, z)
