@@ -1,6 +1,6 @@
-"""Mistral-Small-4-119B-2603, text decoder (spec ARCHITECTURE.md §1.1)."""
+"""Mistral-Small-4-119B-2603: text decoder and vision path (spec ARCHITECTURE.md §1.1, §1.3)."""
 
-from smallfour.config import RopeConfig, TextConfig
+from smallfour.config import RopeConfig, TextConfig, VisionConfig
 
 
 def get_config() -> TextConfig:
@@ -41,4 +41,18 @@ def get_config() -> TextConfig:
       # Mistral's own stack (params.json yarn.apply_scale=false); see README.
       softmax_scale_mode="plain",
       max_position_embeddings=1048576,
+      # Read as Mistral's stack reads params.json: its projector norm eps and mistral-common's
+      # image preprocessing (transformers' differ; see VisionConfig).
+      vision=VisionConfig(
+          hidden_size=1024,
+          intermediate_size=4096,
+          num_layers=24,
+          num_heads=16,
+          patch_size=14,
+          image_size=1540,
+          rope_theta=10000.0,
+          spatial_merge_size=2,
+          projector_norm_eps=1e-5,
+          image_processor="mistral_common",
+      ),
   )

@@ -2,10 +2,12 @@
 
 Routing groups, a dense first layer, two shared experts and a short YaRN window
 (original_max_position_embeddings=32) so that prompts of a few dozen tokens already
-exercise the blended frequencies and the llama-4 query scale.
+exercise the blended frequencies and the llama-4 query scale. The vision path has the
+release's geometry (patch 14, 2×2 merge, longest edge 1540: the built-in tokenizer's
+image layout) at tiny widths.
 """
 
-from smallfour.config import RopeConfig, TextConfig
+from smallfour.config import RopeConfig, TextConfig, VisionConfig
 
 
 def get_config() -> TextConfig:
@@ -37,4 +39,13 @@ def get_config() -> TextConfig:
           llama_4_original_max_position_embeddings=32,
       ),
       max_position_embeddings=1024,
+      vision=VisionConfig(
+          hidden_size=32,
+          intermediate_size=64,
+          num_layers=2,
+          num_heads=4,
+          patch_size=14,
+          image_size=1540,
+          projector_norm_eps=1e-5,
+      ),
   )

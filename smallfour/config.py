@@ -1,8 +1,11 @@
-"""Model hyperparameters for the Mistral Small 4 text decoder.
+"""Model hyperparameters for Mistral Small 4: the text decoder and its vision path.
 
 Frozen dataclasses hold the architecture only; runtime choices (dtype, mesh, MoE
 kernel, cache length) live elsewhere. Every inconsistency raises `ConfigError` naming
-the field (spec: ARCHITECTURE.md §1).
+the field (spec: ARCHITECTURE.md §1). `TextConfig` is the model's one config object:
+its `vision` field holds the Pixtral encoder and projector of the multimodal wrapper
+(None for a text-only model), so that everything that reads, stores or restores a
+config carries both.
 
 The released formats are read and written by `config_formats` (`from_hf`, `from_params`,
 `to_hf`, `to_params`, `from_hub`: one field table, each format with its own reference's
@@ -17,6 +20,9 @@ from typing import Any, Literal, Mapping
 
 SoftmaxScaleMode = Literal["plain", "hf_mscale_fold"]
 SOFTMAX_SCALE_MODES: tuple[str, ...] = ("plain", "hf_mscale_fold")
+# Which reference's image preprocessing a checkpoint is read with (smallfour.images).
+ImageProcessor = Literal["transformers", "mistral_common"]
+IMAGE_PROCESSORS: tuple[str, ...] = ("transformers", "mistral_common")
 
 # Our own config file, written next to converted weights.
 SMALLFOUR_CONFIG_FILE = "smallfour_config.json"
@@ -51,6 +57,50 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """The Pixtral encoder, the patch-merger projector and the image tokens (spec §1.3, §5).
+
+  `image_size` is the longest edge an image is resized under; the encoder itself takes
+  any grid of patches. The encoder's norms use `norm_eps` (hard-coded 1e-5 by both
+  references); the projector's norm eps differs between them: transformers takes the
+  text `rms_norm_eps`, Mistral's stack 1e-5. `image_processor` names the reference whose
+  preprocessing (resize rule and library) the checkpoint is read with, as
+  `softmax_scale_mode` does for the attention scale.
+  """
+
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int  # num_hidden_layers
+  num_heads: int  # num_attention_heads
+  patch_size: int
+  image_size: int
+  num_channels: int = 3
+  rope_theta: float = 10000.0
+  spatial_merge_size: int = 2
+  image_token_id: int = 10  # [IMG]; image_token_index in HF
+  image_break_token_id: int = 12  # [IMG_BREAK]
+  image_end_token_id: int = 13  # [IMG_END]
+  norm_eps: float = 1e-5
+  projector_norm_eps: float = 1e-6
+  image_processor: ImageProcessor = "mistral_common"
+
+  def __post_init__(self):
+    _validate_vision(self)
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def merged_patch(self) -> int:
+    """Pixels per side of one image token: patch_size × spatial_merge_size."""
+    return self.patch_size * self.spatial_merge_size
+
+  def replace(self, **changes: Any) -> "VisionConfig":
+    return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
 class TextConfig:
   """Hyperparameters of the text decoder (HF names in comments where they differ)."""
 
@@ -82,6 +132,7 @@ class TextConfig:
   bos_token_id: int = 1
   eos_token_id: int | None = 2  # None: generation stops only on length
   pad_token_id: int = 11
+  vision: VisionConfig | None = None  # the multimodal wrapper's vision path, if any
 
   def __post_init__(self):
     _validate(self)
@@ -115,7 +166,13 @@ class TextConfig:
     if unknown := sorted(set(d) - known):
       raise ConfigError(f"unknown TextConfig fields: {unknown}")
     rope = d.pop("rope", {})
-    return cls(rope=RopeConfig(**rope), **d)
+    vision = d.pop("vision", None)
+    if vision is not None:
+      unknown = sorted(set(vision) - {f.name for f in dataclasses.fields(VisionConfig)})
+      if unknown:
+        raise ConfigError(f"unknown VisionConfig fields: {unknown}")
+      vision = VisionConfig(**vision)
+    return cls(rope=RopeConfig(**rope), vision=vision, **d)
 
 
 def _validate(c: TextConfig) -> None:
@@ -166,4 +223,35 @@ def _validate(c: TextConfig) -> None:
   for tok in ("bos_token_id", "eos_token_id"):
     if getattr(c, tok) is not None and not 0 <= getattr(c, tok) < c.vocab_size:
       raise ConfigError(f"{tok}={getattr(c, tok)} outside vocab_size={c.vocab_size}")
+  if c.vision is not None:
+    for tok in ("image_token_id", "image_break_token_id", "image_end_token_id"):
+      if not 0 <= getattr(c.vision, tok) < c.vocab_size:
+        raise ConfigError(f"vision.{tok}={getattr(c.vision, tok)} outside "
+                          f"vocab_size={c.vocab_size}")
+
+
+def _validate_vision(v: VisionConfig) -> None:
+  positive = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "patch_size",
+              "image_size", "num_channels", "spatial_merge_size")
+  for name in positive:
+    value = getattr(v, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise ConfigError(f"vision.{name} must be a positive integer, got {value!r}")
+  if v.hidden_size % v.num_heads or v.head_dim % 4:
+    # 2D RoPE: half of each head's rotary pairs turn with the row, half with the column.
+    raise ConfigError(f"vision.hidden_size={v.hidden_size} / num_heads={v.num_heads} must be "
+                      "a whole head_dim divisible by 4 (2D rotary pairs)")
+  if v.image_size < v.merged_patch:
+    raise ConfigError(f"vision.image_size={v.image_size} is smaller than one image token "
+                      f"({v.merged_patch} pixels)")
+  for name in ("norm_eps", "projector_norm_eps", "rope_theta"):
+    if not getattr(v, name) > 0:
+      raise ConfigError(f"vision.{name} must be > 0, got {getattr(v, name)!r}")
+  ids = (v.image_token_id, v.image_break_token_id, v.image_end_token_id)
+  if len(set(ids)) != 3:
+    raise ConfigError(f"vision image token ids must differ, got [IMG], [IMG_BREAK], "
+                      f"[IMG_END] = {ids}")
+  if v.image_processor not in IMAGE_PROCESSORS:
+    raise ConfigError(f"vision.image_processor={v.image_processor!r}; expected one of "
+                      f"{IMAGE_PROCESSORS}")
 

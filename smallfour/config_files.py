@@ -27,7 +27,11 @@ class DirConfig:
 
   def describe(self) -> str:
     mode = self.config.softmax_scale_mode
-    return f"config from {self.source}; softmax_scale_mode={mode}: {self.reason}"
+    note = f"config from {self.source}; softmax_scale_mode={mode}: {self.reason}"
+    if self.config.vision is not None:
+      # The same file decides: params.json means Mistral's stack, config.json transformers.
+      note += f"; image_processor={self.config.vision.image_processor}"
+    return note
 
 
 def _load_json(file: str) -> Any:

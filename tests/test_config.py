@@ -5,7 +5,7 @@ import dataclasses
 import json
 
 import pytest
-from transformers import Mistral3Config, Mistral4Config
+from transformers import Mistral3Config, Mistral4Config, PixtralVisionConfig
 
 from smallfour import config_files, config_formats, configs
 from smallfour import config as config_lib
@@ -25,9 +25,19 @@ RELEASE_PARAMS = {
             "num_expert_groups": 1, "num_expert_groups_per_tok": 1, "routed_scale": 1.0,
             "expert_hidden_dim": 2048, "num_shared_experts": 1, "route_every_n": 1},
     "quantization": {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"},
+    "vision_encoder": {
+        "hidden_size": 1024, "num_channels": 3, "image_size": 1540, "max_image_size": 1540,
+        "patch_size": 14, "rope_theta": 10000.0, "intermediate_size": 4096,
+        "num_hidden_layers": 24, "num_attention_heads": 16, "image_token_id": 10,
+        "image_break_token_id": 12, "image_end_token_id": 13, "spatial_merge_size": 2,
+        "mm_projector_id": "patch_merge", "add_pre_mm_projector_layer_norm": True,
+        "adapter_bias": False},
 }
-# The release's config.json: transformers' Mistral4Config defaults, in the Mistral3 wrapper.
+# The release's config.json: transformers' Mistral4Config defaults in the Mistral3 wrapper,
+# whose Pixtral defaults it keeps but for the activation (the converter forces silu).
+RELEASE_VISION = PixtralVisionConfig(hidden_act="silu", patch_size=14, image_size=1540)
 RELEASE_CONFIG = Mistral3Config(text_config=Mistral4Config().to_dict(),
+                                vision_config=RELEASE_VISION.to_dict(),
                                 tie_word_embeddings=False).to_dict()
 # The oracle configs the converter tests build (test_convert.py, test_convert_errors.py).
 ORACLE_OVERRIDES = [{}, dict(num_hidden_layers=3, first_k_dense_replace=1, n_group=2, topk_group=1,
@@ -36,6 +46,14 @@ ORACLE_OVERRIDES = [{}, dict(num_hidden_layers=3, first_k_dense_replace=1, n_gro
 CONFIGS = [configs.resolve(name) for name in ("small4_119b", "tiny")] + [
     config_formats.from_hf(oracle.hf_config(**kw).to_dict()) for kw in ORACLE_OVERRIDES]
 FOLD, PLAIN = "hf_mscale_fold", "plain"
+
+
+def as_transformers_reads(cfg: config_lib.TextConfig) -> config_lib.TextConfig:
+  """`cfg` with transformers' vision semantics: projector eps = text eps, its processor."""
+  if cfg.vision is None:
+    return cfg
+  return cfg.replace(vision=cfg.vision.replace(projector_norm_eps=cfg.rms_norm_eps,
+                                               image_processor="transformers"))
 
 
 def test_presets():
@@ -56,10 +74,8 @@ def test_hf_defaults_give_the_preset_with_transformers_scale():
   """transformers 5.23's Mistral4Config defaults describe the release; it folds mscale²."""
   expected = configs.resolve("small4_119b").replace(softmax_scale_mode="hf_mscale_fold")
   bare = Mistral4Config().to_dict()
-  assert config_formats.from_hf(bare) == expected
-  wrapped = Mistral3Config(text_config=Mistral4Config().to_dict(),
-                           tie_word_embeddings=False).to_dict()
-  assert config_formats.from_hf(wrapped) == expected
+  assert config_formats.from_hf(bare) == expected.replace(vision=None)
+  assert config_formats.from_hf(RELEASE_CONFIG) == as_transformers_reads(expected)
 
 
 def test_legacy_rope_scaling_key():
@@ -147,10 +163,11 @@ def test_config_json_round_trip(cfg):
   with pytest.raises(ConfigError, match="cannot hold softmax_scale_mode='plain' with "
                      "mscale_all_dim=1.0: transformers reads 'hf_mscale_fold'"):
     config_formats.to_hf(cfg.replace(softmax_scale_mode=PLAIN))
-  cfg = cfg.replace(softmax_scale_mode=FOLD)
+  cfg = as_transformers_reads(cfg.replace(softmax_scale_mode=FOLD))
   hf = json.loads(json.dumps(config_formats.to_hf(cfg)))
   assert config_formats.from_hf(hf) == cfg
-  assert config_formats.from_hf(Mistral4Config(**hf).to_dict()) == cfg
+  reread = Mistral3Config(**hf) if cfg.vision else Mistral4Config(**hf)
+  assert config_formats.from_hf(reread.to_dict()) == cfg
   no_fold = cfg.replace(rope=dataclasses.replace(cfg.rope, mscale_all_dim=0.0),
                         softmax_scale_mode=PLAIN)
   assert config_formats.from_hf(config_formats.to_hf(no_fold)) == no_fold
@@ -172,7 +189,14 @@ def test_writers_give_the_release_files():
   release = copy.deepcopy(RELEASE_PARAMS)
   del release["quantization"], release["moe"]["route_every_n"]  # no TextConfig field
   assert config_formats.to_params(preset) == release
-  got = Mistral4Config(**config_formats.to_hf(preset.replace(softmax_scale_mode=FOLD))).to_dict()
+  wrapper = config_formats.to_hf(as_transformers_reads(preset.replace(softmax_scale_mode=FOLD)))
+  vision = PixtralVisionConfig(**wrapper["vision_config"]).to_dict()
+  assert vision == RELEASE_VISION.to_dict()
+  assert {k: wrapper[k] for k in ("image_token_index", "spatial_merge_size",
+                                  "projector_hidden_act", "tie_word_embeddings")} == {
+      k: RELEASE_CONFIG[k] for k in ("image_token_index", "spatial_merge_size",
+                                     "projector_hidden_act", "tie_word_embeddings")}
+  got = Mistral4Config(**wrapper["text_config"]).to_dict()
   want = Mistral4Config().to_dict()
   assert {k: v for k, v in got.items() if k != "rope_parameters"} == {
       k: v for k, v in want.items() if k != "rope_parameters"}
@@ -195,7 +219,7 @@ def test_writers_give_the_release_files():
      r"cannot hold rope.beta_fast=0.0 \(read back as 32.0"),
 ])
 def test_writers_refuse_what_their_format_cannot_hold(writer, change, message):
-  cfg = configs.resolve("small4_119b").replace(softmax_scale_mode=FOLD)
+  cfg = configs.resolve("small4_119b").replace(softmax_scale_mode=FOLD, vision=None)
   if "rope" in change:
     change = dict(rope=dataclasses.replace(cfg.rope, **change["rope"]))
   with pytest.raises(ConfigError, match=message):
@@ -235,11 +259,13 @@ def test_params_json_defaults():
 
 
 def test_params_json_unknown_fields_warn(recwarn):
-  config_formats.from_params(dict(RELEASE_PARAMS, vision_encoder={"hidden_size": 1024},
-                              moe=dict(RELEASE_PARAMS["moe"], expert_parallel=1)))
+  config_formats.from_params(dict(RELEASE_PARAMS,
+                                  moe=dict(RELEASE_PARAMS["moe"], expert_parallel=1)))
   assert not recwarn.list  # the release's other fields are known
-  with pytest.warns(UserWarning, match=r"params.json: ignoring unknown fields lora, moe.jitter"):
-    config_formats.from_params(_params(lora={"rank": 8}, moe__jitter=0.1))
+  with pytest.warns(UserWarning, match=r"params.json: ignoring unknown fields lora, moe.jitter, "
+                    r"vision_encoder.video"):
+    config_formats.from_params(_params(lora={"rank": 8}, moe__jitter=0.1,
+                                       vision_encoder__video=True))
 
 
 # ------------------------------------------------------- the hub's two files
@@ -252,7 +278,7 @@ def test_hub_pair_reads_as_mistral():
   assert config_formats.from_hub(RELEASE_CONFIG, folded).softmax_scale_mode == FOLD
   # Token ids come from config.json, and a context length params.json leaves out.
   hf = Mistral4Config(pad_token_id=0, max_position_embeddings=262144).to_dict()
-  got = config_formats.from_hub(hf, _params(max_position_embeddings=None))
+  got = config_formats.from_hub(hf, _params(max_position_embeddings=None, vision_encoder=None))
   assert (got.pad_token_id, got.max_position_embeddings) == (0, 262144)
 
 
@@ -269,7 +295,7 @@ def test_hub_pair_must_agree(change, message):
   hf["rope_parameters"].update(change.pop("rope", {}))
   hf.update(change)
   with pytest.raises(ConfigError, match=f"params.json and config.json {message}"):
-    config_formats.from_hub(hf, RELEASE_PARAMS)
+    config_formats.from_hub(hf, _params(vision_encoder=None))
 
 
 def test_directory_with_both_files(tmp_path):
