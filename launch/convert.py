@@ -4,7 +4,8 @@
 
 The source is an HF directory (config.json + model*.safetensors), a Mistral-native one
 (params.json + consolidated*.safetensors) or the hub's, holding both (params.json then
-sets the softmax scale); FP8 weights are dequantized. The destination holds the weights,
+sets the softmax scale); FP8 weights are dequantized, or kept as they are with
+--dtype=fp8 (half the bytes; restore them FP8-resident). The destination holds the weights,
 our config and tekken.json, and is all `launch/generate.py --ckpt` needs. Host memory
 stays about one decoder layer whatever the model size.
 """
@@ -20,7 +21,10 @@ from smallfour.config import SOFTMAX_SCALE_MODES, ConfigError
 _SRC = flags.DEFINE_string("src", None, "Released checkpoint directory (HF or native).",
                            required=True)
 _DST = flags.DEFINE_string("dst", None, "New directory to write; must not exist.", required=True)
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", convert_lib.DTYPES, "Stored dtype.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "bfloat16", convert_lib.DTYPES,
+    "Stored dtype. fp8 keeps an FP8 release's e4m3 linears and their scales as they are "
+    "(the rest bfloat16), for --weights_dtype=fp8 at generation.")
 _SOFTMAX_SCALE = flags.DEFINE_enum(
     "softmax_scale", None, SOFTMAX_SCALE_MODES,
     "Override the softmax-scale mode the source implies: params.json's yarn.apply_scale "

@@ -40,6 +40,7 @@ from smallfour.config import ConfigError, TextConfig
 from smallfour.inference.engine import Engine, RequestError
 from smallfour.inference.sampling import Sampling
 from smallfour.nn.decoder import Transformer
+from smallfour.nn.fp8 import WEIGHTS_DTYPES
 
 # Sampling defaults per reasoning effort (spec/CHAT_FORMAT.md §5): the model card asks for
 # temperature 0.7 with "high" and 0.0-0.7 with "none" (we take greedy), gives no top-k/top-p,
@@ -78,6 +79,11 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mul
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype; default the checkpoint's stored dtype.")
+_WEIGHTS_DTYPE = flags.DEFINE_enum(
+    "weights_dtype", None, WEIGHTS_DTYPES,
+    "fp8: keep the e4m3 linears FP8-resident (a checkpoint converted with --dtype=fp8; for "
+    "--config, quantized at init). Default: as the checkpoint stores them (bfloat16 for "
+    "--config).")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None,
                                    "Write the prompt and the answer here as JSON.")
 
@@ -110,11 +116,13 @@ def _load_model(cfg: TextConfig) -> tuple[Transformer, jax.sharding.Mesh | None]
   mesh = _mesh(cfg)
   if _CKPT.value:
     try:
-      return restore.restore_model(_CKPT.value, mesh=mesh, dtype=_DTYPE.value), mesh
+      return restore.restore_model(_CKPT.value, mesh=mesh, dtype=_DTYPE.value,
+                                   weights_dtype=_WEIGHTS_DTYPE.value), mesh
     except (CheckpointError, ConfigError) as e:
       _fail(str(e))
   dtype = jnp.dtype(_DTYPE.value or "float32")
-  make = lambda: Transformer(cfg, rngs=nnx.Rngs(_SEED.value), param_dtype=dtype)  # noqa: E731
+  make = lambda: Transformer(cfg, rngs=nnx.Rngs(_SEED.value), param_dtype=dtype,  # noqa: E731
+                             fp8=_WEIGHTS_DTYPE.value == "fp8")
   return (make() if mesh is None else sharding.init_sharded(make, mesh)), mesh
 
 

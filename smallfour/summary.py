@@ -16,17 +16,19 @@ from smallfour.config import TextConfig
 from smallfour.nn.decoder import Transformer
 
 
-def traced_params(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16) -> nnx.State:
+def traced_params(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16,
+                  fp8: bool = False) -> nnx.State:
   """The parameter state of `cfg` as ShapeDtypeStructs, by tracing the whole model.
 
   The reference for `abstract_params`, but jax traces in time quadratic in depth
-  (0.27 s for 8 layers, 4 s for 36).
+  (0.27 s for 8 layers, 4 s for 36). `fp8`: with FP8-resident linears (`Transformer`).
   """
-  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype,
+                                             fp8=fp8))
   return nnx.state(model, nnx.Param)
 
 
-def abstract_flat(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16
+def abstract_flat(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16, fp8: bool = False
                   ) -> dict[tuple[Any, ...], nnx.Variable]:
   """{path: abstract parameter} of `cfg`, equal to `traced_params` flattened.
 
@@ -38,7 +40,7 @@ def abstract_flat(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16
   for i in range(cfg.num_layers):
     first.setdefault(cfg.is_moe_layer(i), i)
   prefix = cfg.replace(num_layers=max(first.values(), default=-1) + 1)
-  traced = dict(nnx.to_flat_state(traced_params(prefix, param_dtype)))
+  traced = dict(nnx.to_flat_state(traced_params(prefix, param_dtype, fp8)))
   flat = {path: var for path, var in traced.items() if path[0] != "layers"}
   for i in range(cfg.num_layers):
     like = ("layers", first[cfg.is_moe_layer(i)])
@@ -47,10 +49,11 @@ def abstract_flat(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16
   return flat
 
 
-def abstract_params(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16) -> nnx.State:
+def abstract_params(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16,
+                    fp8: bool = False) -> nnx.State:
   """The parameter state of `cfg` as ShapeDtypeStructs (nothing allocated), built from
   `abstract_flat`."""
-  return nnx.from_flat_state(abstract_flat(cfg, param_dtype))
+  return nnx.from_flat_state(abstract_flat(cfg, param_dtype, fp8))
 
 
 def param_counts(cfg: TextConfig) -> dict[str, Any]:

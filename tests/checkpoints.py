@@ -74,7 +74,8 @@ _RENAMES = [  # HF text name -> native name (regex, applied in order)
     (r"\.mlp\.gate_proj\.", ".feed_forward.w1."), (r"\.mlp\.up_proj\.", ".feed_forward.w3."),
     (r"\.mlp\.down_proj\.", ".feed_forward.w2."),
 ]
-_KEEP_BF16 = ("tok_embeddings.", "output.", "norm.weight", ".gate.weight")
+# Kept bf16 as released (spec §6.1): embedding, LM head, norms, router.
+_KEEP_BF16 = ("tok_embeddings.weight", "output.weight", "norm.weight", ".gate.weight")
 
 
 def _native_relations(tensors: dict[str, np.ndarray], f: int):

@@ -159,6 +159,7 @@ def test_select_kernel():
     assert moe_kernels.select_kernel(n, "cpu") == "sorted_blocks"
   assert moe_kernels.select_kernel(1, "cpu") == (
       "gather" if moe_kernels.CPU_GATHER_MAX_TOKENS >= 1 else "sorted_blocks")
-  for backend in ("gpu", "tpu"):
-    for n in (1, 1024):
-      assert moe_kernels.select_kernel(n, backend) == "ragged_dot"
+  for backend in ("gpu", "tpu"):  # decode reads only the experts it uses; prefill groups
+    for n in (1, moe_kernels.LOOP_MAX_TOKENS):
+      assert moe_kernels.select_kernel(n, backend) == "expert_loop"
+    assert moe_kernels.select_kernel(moe_kernels.LOOP_MAX_TOKENS + 1, backend) == "ragged_dot"

@@ -64,21 +64,48 @@ def build_params(maps: Iterable[TensorMap], source: TensorSource,
   one expert's copy (per thread), not a whole stacked tensor. A source with
   `read_lookup` (FP8) hands over codes and a value table: the build rearranges the codes
   and the table fills the output in one pass; with `read_transient`, slices are read
-  into a reused buffer, as they are copied out at once. Returns {path: C-contiguous array}.
+  into a reused buffer, as they are copied out at once. An FP8-resident target (the
+  model has `path + ("codes",)` and `path + ("scale",)`) gets the rearranged codes and
+  their multiplier as stored, from the source's `read_fp8`.
+  Returns {path: C-contiguous array}.
   """
   maps = list(maps)
   check_shapes(maps, source)
   expected = abstract if not isinstance(abstract, nnx.State) else dict(
       nnx.to_flat_state(abstract))
   for m in maps:
-    if m.path not in expected:
+    if m.path not in expected and _codes(m.path) not in expected:
       raise AssertionError(f"key map targets {m.path}, which the model lacks")
   lookup = getattr(source, "read_lookup", None)
   transient = getattr(source, "read_transient", None)
   out: dict[Path, np.ndarray] = {}
 
+  def build_fp8(m: TensorMap) -> None:
+    """Puts `m`'s codes and multiplier into `out` (whole, or the slice `write_index`)."""
+    read = getattr(source, "read_fp8", None)
+    stored = read(m.sources[0], m.read_index) if read and len(m.sources) == 1 else None
+    if stored is None:
+      raise CheckpointError(f"tensor {m.sources[0]} is not FP8 with one multiplier; "
+                            "FP8-resident weights are built from an FP8 checkpoint only")
+    codes, scale = stored
+    value = m.build(codes)
+    var = expected[_codes(m.path)]
+    shape = tuple(var.shape if m.write_index is None else var.shape[1:])
+    if tuple(value.shape) != shape:
+      raise AssertionError(f"{m.sources} -> {m.path}: {value.shape} != {shape}")
+    if m.write_index is None:
+      out[_codes(m.path)] = empty(shape, np.dtype(var.dtype))
+      out[_scale(m.path)] = np.array(scale[0], np.float32)
+      dst = out[_codes(m.path)]
+    else:
+      dst = out[_codes(m.path)][m.write_index]
+      out[_scale(m.path)][m.write_index] = scale[0]
+    strided.copy_into(dst.view(np.uint8), value)
+
   def build(m: TensorMap) -> np.ndarray | None:
-    """Builds `m`; returns the whole parameter, or None once its slice is in `out`."""
+    """Builds `m`; returns the whole parameter, or None once it (or its slice) is in `out`."""
+    if m.path not in expected:
+      return build_fp8(m)
     var = expected[m.path]
     shape = tuple(var.shape if m.write_index is None else var.shape[1:])
     coded = lookup(m.sources[0], m.read_index, var.dtype) if (
@@ -108,16 +135,25 @@ def build_params(maps: Iterable[TensorMap], source: TensorSource,
     return dst if m.write_index is None else None
 
   for m in maps:
-    if m.write_index is not None and m.path not in out:
-      var = expected[m.path]
-      out[m.path] = empty(tuple(var.shape), np.dtype(var.dtype))
+    if m.write_index is not None:
+      for path in (m.path, _codes(m.path), _scale(m.path)):
+        if path in expected and path not in out:
+          out[path] = empty(tuple(expected[path].shape), np.dtype(expected[path].dtype))
   for m in maps:
-    if m.write_index is None:
-      out[m.path] = build(m)
+    if m.write_index is None and (value := build(m)) is not None:
+      out[m.path] = value
   slices = [m for m in maps if m.write_index is not None]
   for _ in (executor.map(build, slices) if executor else map(build, slices)):
     pass  # re-raises the first error
   return out
+
+
+def _codes(path: Path) -> Path:
+  return path + ("codes",)
+
+
+def _scale(path: Path) -> Path:
+  return path + ("scale",)
 
 
 def load_into(model: nnx.Module, maps: Iterable[TensorMap], source: TensorSource) -> None:

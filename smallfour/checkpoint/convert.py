@@ -26,10 +26,10 @@ from tqdm import tqdm
 from smallfour import config as config_lib
 from smallfour import summary
 from smallfour.checkpoint.assemble import build_params
-from smallfour.checkpoint.formats import open_checkpoint
+from smallfour.checkpoint.formats import SourceCheckpoint, open_checkpoint
 from smallfour.checkpoint.keymap import Path, TensorMap
 from smallfour.checkpoint.layout import (DTYPES, FORMAT_VERSION, PARAMS_DIR, STAGING_SUFFIX,
-                                         TOKENIZER_FILE, CheckpointError)
+                                         STORED_DTYPES, TOKENIZER_FILE, CheckpointError)
 from smallfour.checkpoint.orbax_writer import TreeWriter, fsync
 
 
@@ -79,6 +79,24 @@ def _nbytes(var: Any) -> int:
   return int(np.prod(var.shape)) * np.dtype(var.dtype).itemsize
 
 
+def _stored(flat: dict[Path, Any], path: Path) -> list[Path]:
+  """The stored arrays a key-map target becomes: itself, or FP8 codes and scale."""
+  return [path] if path in flat else [path + ("codes",), path + ("scale",)]
+
+
+def _check_fp8_sources(ckpt: SourceCheckpoint, flat: dict[Path, Any]) -> None:
+  """Every tensor an FP8-resident weight is built from is stored as e4m3."""
+  for group in ckpt.maps:
+    for m in group:
+      if m.path not in flat:
+        for name in m.sources:
+          if ckpt.source.dtypes[name] != "F8_E4M3":
+            raise CheckpointError(
+                f"--dtype=fp8 keeps the release's FP8 weights as they are, but tensor {name} "
+                f"in {ckpt.source.location[name]} is {ckpt.source.dtypes[name]}; convert "
+                "this checkpoint to bfloat16 instead")
+
+
 def _by_path(group: list[TensorMap]) -> dict[Path, list[TensorMap]]:
   by_path: dict[Path, list[TensorMap]] = {}
   for m in group:
@@ -92,7 +110,9 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
   """Converts `src` into a new checkpoint at `dst`; returns byte and time statistics.
 
   Args:
-    dtype: the stored dtype, "bfloat16" or "float32" (FP8 is dequantized in float32 first).
+    dtype: the stored dtype: "bfloat16" or "float32" (FP8 is dequantized in float32 first),
+      or "fp8": the e4m3 linears stay e4m3 with their multipliers (FP8-resident restore,
+      half the bytes), everything else bfloat16; the source must be FP8.
     softmax_scale: overrides the mode the source implies ("plain"/"hf_mscale_fold"):
       params.json's yarn.apply_scale when it is there, else config.json's transformers
       semantics (`config_files.read_release_dir`).
@@ -119,10 +139,12 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
     logging.warning("removing %s left by an unfinished conversion", staging)
     shutil.rmtree(staging)
   os.makedirs(staging)
-  flat = summary.abstract_flat(cfg, np.dtype(dtype))
+  flat = summary.abstract_flat(cfg, np.dtype(STORED_DTYPES[dtype]), fp8=dtype == "fp8")
+  if dtype == "fp8":
+    _check_fp8_sources(ckpt, flat)
   groups = [_by_path(g) for g in ckpt.maps]
-  group_bytes = [sum(_nbytes(flat[p]) for p in g) for g in groups]
-  largest = max(_nbytes(flat[p]) for g in groups for p in g)
+  group_bytes = [sum(_nbytes(flat[s]) for p in g for s in _stored(flat, p)) for g in groups]
+  largest = max(_nbytes(flat[s]) for g in groups for p in g for s in _stored(flat, p))
   source_bytes = sum(os.path.getsize(f) for f in set(ckpt.source.location.values()))
   bar = tqdm(total=sum(group_bytes), unit="B", unit_scale=True, desc="convert",
              disable=not progress)
@@ -133,7 +155,8 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
       concurrent.futures.ThreadPoolExecutor(BUILD_THREADS) as builders:
     for i, group in enumerate(groups):
       bar.set_postfix(layer=i if i < cfg.num_layers else "embed/head")
-      pool.retain({(tuple(flat[p].shape), np.dtype(flat[p].dtype)) for p in group})
+      pool.retain({(tuple(flat[s].shape), np.dtype(flat[s].dtype))
+                   for p in group for s in _stored(flat, p)})
       for maps in group.values():
         for path, array in build_params(maps, ckpt.source, flat, empty=pool.empty,
                                         executor=builders).items():

@@ -18,8 +18,10 @@ from flax import nnx
 from smallfour import config as config_lib
 from smallfour import sharding
 from smallfour.checkpoint import tree
-from smallfour.checkpoint.layout import FORMAT_VERSION, PARAMS_DIR, STAGING_SUFFIX, CheckpointError
+from smallfour.checkpoint.layout import (FORMAT_VERSION, PARAMS_DIR, STAGING_SUFFIX,
+                                         STORED_DTYPES, CheckpointError)
 from smallfour.nn.decoder import Transformer
+from smallfour.nn.fp8 import WEIGHTS_DTYPES
 
 
 def read_metadata(ckpt_dir: str) -> dict[str, Any]:
@@ -44,18 +46,32 @@ def read_config(ckpt_dir: str) -> config_lib.TextConfig:
 
 
 def restore_model(ckpt_dir: str, mesh: jax.sharding.Mesh | None = None,
-                  dtype: str | None = None) -> Transformer:
+                  dtype: str | None = None, weights_dtype: str | None = None) -> Transformer:
   """Builds the model abstractly and fills it from `ckpt_dir`.
 
   Args:
     mesh: parameters are placed by the logical-axis rule table on this mesh; default, the
       first device (plain, mesh-free arrays).
-    dtype: the parameter (= activation) dtype; default, the dtype the checkpoint stores.
+    dtype: the parameter (= activation) dtype; default, the dtype the checkpoint stores
+      (bfloat16 for an fp8 one). FP8-resident weights are dequantized to it where used.
+    weights_dtype: "fp8" keeps the e4m3 linears of an fp8 checkpoint (`--dtype=fp8` in
+      the converter) FP8-resident, codes and scales as stored; default, what the
+      checkpoint stores. Dequantize on conversion instead to get plain weights.
   """
   meta = read_metadata(ckpt_dir)
   cfg = config_lib.TextConfig.from_dict(meta["text"])
-  param_dtype = jnp.dtype(dtype or meta["param_dtype"])
-  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))
+  stored = meta["param_dtype"]
+  weights_dtype = weights_dtype or ("fp8" if stored == "fp8" else "bfloat16")
+  if weights_dtype not in WEIGHTS_DTYPES:
+    raise CheckpointError(f"weights_dtype={weights_dtype!r}; expected one of {WEIGHTS_DTYPES}")
+  if (weights_dtype == "fp8") != (stored == "fp8"):
+    raise CheckpointError(
+        f"{ckpt_dir} stores {stored} weights, so weights_dtype={weights_dtype!r} cannot be "
+        "restored from it: convert the FP8 release with --dtype=fp8 for FP8-resident "
+        "weights, or with --dtype=bfloat16 for plain ones")
+  param_dtype = jnp.dtype(dtype or STORED_DTYPES[stored])
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype,
+                                             fp8=weights_dtype == "fp8"))
   state = nnx.state(model, nnx.Param)
   flat = nnx.to_flat_state(state)
   if mesh is None:
@@ -65,7 +81,7 @@ def restore_model(ckpt_dir: str, mesh: jax.sharding.Mesh | None = None,
     placement = {path: var.get_value()
                  for path, var in nnx.to_flat_state(sharding.named_shardings(state, mesh))}
   target = tree.nest({
-      path: jax.ShapeDtypeStruct(var.shape, param_dtype, sharding=placement[path])
+      path: jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=placement[path])
       for path, var in flat})
   try:
     loaded = ocp.load(os.path.join(ckpt_dir, PARAMS_DIR), target)

@@ -140,22 +140,28 @@ class SafetensorsSource:
     except ValueError as e:
       raise CheckpointError(f"tensor {name}: {e}") from None
 
-  def read_lookup(self, name: str, index: Index = None, dtype=np.float32
-                  ) -> tuple[np.ndarray, np.ndarray] | None:
-    """FP8 `tensor[index]` with one multiplier as (uint8 codes, `fp8.fp8_table`).
+  def read_fp8(self, name: str, index: Index = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """FP8 `tensor[index]` with one multiplier, as stored: (uint8 codes, scale [1] float32).
 
-    `table[codes]` is `read(...)`'s value; a caller can rearrange the 1-byte codes first
-    and look them up straight into its output. The codes live in a per-thread buffer,
-    valid until the thread's next `read_lookup` or `read_transient`. None for any other
-    tensor.
+    The codes live in a per-thread buffer, valid until the thread's next `read_fp8`,
+    `read_lookup` or `read_transient`. None for any other tensor.
     """
     if self.dtypes[name] != "F8_E4M3":
       return None
     scale = self._scale(name, index)
     if scale is None or scale.size != 1:
       return None
-    codes = self._pread(name, index, self._scratch.empty).view(np.uint8)
-    return codes, fp8.fp8_table(scale[0], dtype)
+    return self._pread(name, index, self._scratch.empty).view(np.uint8), scale
+
+  def read_lookup(self, name: str, index: Index = None, dtype=np.float32
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """`read_fp8`'s codes with `fp8.fp8_table` of their multiplier, or None.
+
+    `table[codes]` is `read(...)`'s value; a caller can rearrange the 1-byte codes first
+    and look them up straight into its output.
+    """
+    stored = self.read_fp8(name, index)
+    return None if stored is None else (stored[0], fp8.fp8_table(stored[1][0], dtype))
 
   def read_transient(self, name: str, index: Index = None, dtype=np.float32
                      ) -> np.ndarray | None:

@@ -21,18 +21,26 @@ LATENT_AXES = ("layers", "batch", "length", "kv_lora_rope")
 
 @flax.struct.dataclass
 class LatentCache:
-  latent: jax.Array  # [L, B, T, R + Dr]: c in [..., :R], rotated k_rope in [..., R:]
+  """The cache of `max_len` tokens per sequence, plus one position past them where decode
+  sends the writes of sequences that do not advance (finished or full): it is never
+  attended to, and writes to it need no bounds check (see `MLA.decode`)."""
+
+  latent: jax.Array  # [L, B, T + 1, R + Dr]: c in [..., :R], rotated k_rope in [..., R:]
   lengths: jax.Array  # [B] int32: tokens held per sequence (= next position)
+
+  @staticmethod
+  def shape(cfg: TextConfig, batch: int, max_len: int) -> tuple[int, int, int, int]:
+    """The latent's shape [L, B, T + 1, R + Dr]."""
+    return (cfg.num_layers, batch, max_len + 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
 
   @classmethod
   def zeros(cls, cfg: TextConfig, batch: int, max_len: int, dtype: jnp.dtype) -> "LatentCache":
-    width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    return cls(jnp.zeros((cfg.num_layers, batch, max_len, width), dtype),
-               jnp.zeros((batch,), jnp.int32))
+    return cls(jnp.zeros(cls.shape(cfg, batch, max_len), dtype), jnp.zeros((batch,), jnp.int32))
 
   @property
   def max_len(self) -> int:
-    return self.latent.shape[2]
+    """T, the tokens a sequence can hold (the write sink excluded)."""
+    return self.latent.shape[2] - 1
 
   @property
   def batch(self) -> int:

@@ -52,7 +52,8 @@ class Engine:
     if mesh is not None and not abstract:  # a no-op when already placed by the rule table
       self.state = jax.device_put(self.state, sharding.named_shardings(self.state, mesh))
     self.dtype = model.embedder.get_value().dtype
-    self._prefill = self._jit(self._prefill_impl, static_argnames=("chunk",))
+    self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("chunk",))
+    self._prefill = self._on_mesh(self._prefill_jit)
     self._zeros = self._jit(self._zeros_impl, static_argnames=("batch",))
     self._insert = self._jit(self._insert_impl, donate_argnums=0)
     self._first = self._jit(self._first_impl, static_argnames=("sampling", "max_new_tokens"))
@@ -145,22 +146,34 @@ class Engine:
     release on a simulated mesh, to check that it partitions and what it needs per device
     (`.compile().memory_analysis()`).
     """
-    def spec(a, placement):
-      return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement)
-
-    whole = sharding.replicated(self.mesh) if self.mesh is not None else None
-    state = self.state
-    if self.mesh is not None:
-      state = jax.tree.map(spec, state, sharding.named_shardings(state, self.mesh))
+    whole = self._whole()
     cache = jax.eval_shape(functools.partial(self._zeros_impl, batch=batch))
-    cache = LatentCache(spec(cache.latent, self._cache_sharding(cache.latent.shape)),
-                        spec(cache.lengths, whole))
+    cache = LatentCache(_spec(cache.latent, self._cache_sharding(cache.latent.shape)),
+                        _spec(cache.lengths, whole))
     tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=whole)
     done = jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=whole)
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=whole)
     lower = self._on_mesh(self._step_jit.lower)
-    return lower(state, cache, tokens, done, key, sampling=sampling)
+    return lower(self._abstract_state(), cache, tokens, done, key, sampling=sampling)
+
+  def lower_prefill(self, length: int) -> jax.stages.Lowered:
+    """The compiled prefill of one prompt padded to `length` tokens (a bucket, at most
+    max_len), lowered from abstract inputs like `lower_step`."""
+    tokens = jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=self._whole())
+    lengths = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=self._whole())
+    chunk = self.prefill_chunk if length % self.prefill_chunk == 0 else length
+    lower = self._on_mesh(self._prefill_jit.lower)
+    return lower(self._abstract_state(), tokens, lengths, chunk=chunk)
+
+  def _abstract_state(self):
+    """The parameters as ShapeDtypeStructs carrying their placement."""
+    if self.mesh is None:
+      return jax.tree.map(lambda a: _spec(a, None), self.state)
+    return jax.tree.map(_spec, self.state, sharding.named_shardings(self.state, self.mesh))
+
+  def _whole(self) -> jax.sharding.NamedSharding | None:
+    return sharding.replicated(self.mesh) if self.mesh is not None else None
 
   def window(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
     """Cache positions decode must attend over: every position this request can feed
@@ -269,6 +282,10 @@ class Engine:
     _, cache, _, out, _, _ = jax.lax.while_loop(cond, body, carry)
     # Returning the cache lets XLA reuse the donated buffer.
     return *self._replicated(out), self._placed(cache)
+
+
+def _spec(a, placement) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement)
 
 
 def _trim(out: np.ndarray) -> list[list[int]]:

@@ -32,7 +32,7 @@ def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, max_len: 
     h, latent = layer.prefill(h, pos, positions, valid, chunk)
     latents.append(latent)
   latent = jnp.stack(latents)  # [L, B, S, R + Dr]
-  latent = jnp.pad(latent, ((0, 0), (0, 0), (0, max_len - s), (0, 0)))
+  latent = jnp.pad(latent, ((0, 0), (0, 0), (0, max_len + 1 - s), (0, 0)))  # + the sink
   last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
   return model.logits(last)[:, 0], LatentCache(latent, lengths.astype(jnp.int32))
 
@@ -52,7 +52,7 @@ def decode_step(model: Transformer, tokens: jax.Array, cache: LatentCache,
   positions = cache.lengths[:, None]  # [B, 1]
   h = model.embed(jnp.where(active, tokens, 0)[:, None])  # finished rows feed a dummy id
   pos = model.positions(positions, h.dtype)
-  write_at = jnp.where(active, cache.lengths, t)  # t is out of bounds: the write is dropped
+  write_at = jnp.where(active, cache.lengths, t)  # t: the sink, which is never read
   mask = (jnp.arange(w)[None, None, :] <= positions[:, :, None])  # [B, 1, W]
   latent = cache.latent
   for i, layer in enumerate(model.layers):

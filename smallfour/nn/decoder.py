@@ -23,14 +23,16 @@ class DecoderLayer(nnx.Module):
   prefill and one-token decode (the latter two read and write the latent cache).
   """
 
-  def __init__(self, cfg: TextConfig, layer: int, *, rngs: nnx.Rngs, param_dtype: jnp.dtype):
+  def __init__(self, cfg: TextConfig, layer: int, *, rngs: nnx.Rngs, param_dtype: jnp.dtype,
+               fp8: bool = False):
     self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-    self.attn = MLA(cfg, rngs=rngs, param_dtype=param_dtype)
+    self.attn = MLA(cfg, rngs=rngs, param_dtype=param_dtype, fp8=fp8)
     self.post_attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     if cfg.is_moe_layer(layer):
-      self.ffn = MoE(cfg, rngs=rngs, param_dtype=param_dtype)
+      self.ffn = MoE(cfg, rngs=rngs, param_dtype=param_dtype, fp8=fp8)
     else:
-      self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, param_dtype=param_dtype)
+      self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, param_dtype=param_dtype,
+                     fp8=fp8)
 
   def __call__(self, h: jax.Array, pos: PositionEncoding, mask: jax.Array) -> jax.Array:
     """Teacher-forced, expanded attention. h: [B, S, D], mask: [B, S, S] -> [B, S, D]."""
@@ -57,15 +59,19 @@ class DecoderLayer(nnx.Module):
 class Transformer(nnx.Module):
   """Token embedding, `num_layers` decoder blocks, final norm and an untied LM head.
 
-  The activation dtype is the parameters' dtype; cast the state to change it.
+  The activation dtype is the parameters' dtype; cast the state to change it. With `fp8`
+  the linears the release stores in e4m3 (attention, experts, shared and dense MLPs) are
+  held FP8-resident (`nn/fp8.py`) and dequantized to `param_dtype` where they are used;
+  the embedding, norms, router and LM head stay in `param_dtype`.
   """
 
-  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32):
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32,
+               fp8: bool = False):
     self.cfg = cfg
     d, v = cfg.hidden_size, cfg.vocab_size
     # N(0, 1) rows keep the first norm's input at unit scale.
     self.embedder = params.weight(rngs, (v, d), ("vocab", "embed"), fan_in=1, dtype=param_dtype)
-    self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs, param_dtype=param_dtype)
+    self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs, param_dtype=param_dtype, fp8=fp8)
                             for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.lm_head = params.weight(rngs, (d, v), ("embed", "vocab"), fan_in=d, dtype=param_dtype)

@@ -25,21 +25,25 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
 from smallfour import sharding
-from smallfour.nn import moe_kernels
+from smallfour.nn import fp8, moe_kernels
 
 ROW_AXES = ("batch", "embed")  # x [N, D]: tokens split like every batch axis
 IN_WEIGHT_AXES = ("expert", "embed", "expert_mlp")  # gate/up [E, D, F]
 OUT_WEIGHT_AXES = ("expert", "expert_mlp", "embed")  # down [E, F, D]
 
 
-def routed_experts(gate: jax.Array, up: jax.Array, down: jax.Array, x: jax.Array,
+def routed_experts(gate: moe_kernels.Weight, up: moe_kernels.Weight,
+                   down: moe_kernels.Weight, x: jax.Array,
                    weights: jax.Array, ids: jax.Array, *,
                    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
                    kernel: str = "auto") -> jax.Array:
   """`Σ_k w_k · expert_{id_k}(x)` with experts split over `mesh`'s expert axis.
 
-  gate/up: [E, D, F], down: [E, F, D] (global, sharded by the rule table);
+  gate/up: [E, D, F], down: [E, F, D] (global, sharded by the rule table; FP8-resident
+  ones travel as codes with their per-expert scales, split alike);
   x: [N, D]; weights/ids: [N, K]. `kernel` names the local kernel ("auto": by backend
   and local row count). Returns [N, D] in x.dtype.
   """
@@ -59,7 +63,7 @@ def routed_experts(gate: jax.Array, up: jax.Array, down: jax.Array, x: jax.Array
     ids = jnp.pad(ids, ((0, pad), (0, 0)), constant_values=-1)
   tokens = (n + pad) // (groups // mesh.shape["expert"])  # gathered per shard
   if kernel == "auto":
-    kernel = moe_kernels.select_kernel(tokens, jax.default_backend())
+    kernel = moe_kernels.select_kernel(tokens, moe_kernels.target_platform())
   local_kernel = moe_kernels.KERNELS[kernel]
   if kernel == "sorted_blocks":  # blocks sized for the global expert count, as unsharded
     local_kernel = functools.partial(
@@ -73,8 +77,11 @@ def routed_experts(gate: jax.Array, up: jax.Array, down: jax.Array, x: jax.Array
     out = jax.lax.psum(out, "tensor")
     return jax.lax.psum_scatter(out, "expert", scatter_dimension=0, tiled=True)
 
-  in_spec = sharding.logical_spec(IN_WEIGHT_AXES)
-  out_spec = sharding.logical_spec(OUT_WEIGHT_AXES)
+  def weight_spec(w, axes):
+    spec = sharding.logical_spec(axes)
+    return fp8.Fp8Array(spec, P(spec[0])) if isinstance(w, fp8.Fp8Array) else spec
+
+  in_spec, out_spec = weight_spec(gate, IN_WEIGHT_AXES), weight_spec(down, OUT_WEIGHT_AXES)
   # check_vma=False: the local kernels' loop carries start as fresh zeros, which the
   # varying-axes checker would make every kernel annotate; the collectives above state
   # the replication explicitly instead.

@@ -18,7 +18,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from smallfour import sharding
 from smallfour.config import TextConfig
 from smallfour.nn import params
 from smallfour.nn.norm import RMSNorm
@@ -31,13 +33,15 @@ UNROLL_CHUNKS = 8  # prefill chunks unrolled (causal block skipping) before lax.
 class MLA(nnx.Module):
   """Attention with a compressed query and a compressed, head-free KV latent."""
 
-  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype: jnp.dtype):
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype: jnp.dtype,
+               fp8: bool = False):
+    """`fp8`: the projections are held FP8-resident (`params.weight`), as released."""
     d, h, q, r = cfg.hidden_size, cfg.num_heads, cfg.q_lora_rank, cfg.kv_lora_rank
     dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     self.nope_dim, self.latent_dim = dn, r
     self.softmax_scale = cfg.softmax_scale
     w = lambda shape, axes, fan_in: params.weight(  # noqa: E731
-        rngs, shape, axes, fan_in=fan_in, dtype=param_dtype)
+        rngs, shape, axes, fan_in=fan_in, dtype=param_dtype, fp8_scales=0 if fp8 else None)
     self.q_a_proj = w((d, q), ("embed", "q_lora"), d)
     self.q_a_norm = RMSNorm(q, eps=cfg.latent_norm_eps, param_dtype=param_dtype)
     self.q_b_proj = w((q, h, dn + dr), ("q_lora", "heads", "qk_head_dim"), q)
@@ -86,17 +90,16 @@ class MLA(nnx.Module):
              write_at: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One new token per sequence: writes its cache row, then attends absorbed.
 
-    x: [B, 1, D]; latent: the whole stacked cache [L, B, T, R + Dr], of which this is
+    x: [B, 1, D]; latent: the whole stacked cache [L, B, T', R + Dr], of which this is
     layer `layer` (updated in place, so the donated cache is never copied); write_at: [B]
-    cache index of each new row (T drops the write); mask: [B, 1, W] over the first W
-    cache positions, the only ones read.
-    Returns (out [B, 1, D], the updated cache [L, B, T, R + Dr]).
+    cache index of each new row, < T' (a position never read takes the rows that must
+    not be stored); mask: [B, 1, W] over the first W cache positions, the only ones read.
+    Returns (out [B, 1, D], the updated cache [L, B, T', R + Dr]).
     """
     q_nope, q_rope = self.queries(x, pos)
     c, k_rope = self.latents(x, pos)
     new = jnp.concatenate([c, k_rope], axis=-1)[:, 0].astype(latent.dtype)  # [B, R + Dr]
-    rows = jnp.arange(x.shape[0])
-    latent = latent.at[layer, rows, write_at].set(new, mode="drop")
+    latent = write_rows(latent, layer, write_at, new)
     window = latent[layer, :, :mask.shape[-1]]
     return self.attend_absorbed(q_nope, q_rope, window, mask), latent
 
@@ -216,6 +219,32 @@ class MLA(nnx.Module):
     out_latent = jnp.einsum("bhst,btk->bshk", probs, latent32)[..., :self.latent_dim]
     out = jnp.einsum("bshr,hvr->bshv", out_latent, self.v_up[...].astype(_F32))
     return self.project_out(out.astype(latent.dtype))
+
+
+def write_rows(latent: jax.Array, layer: int, write_at: jax.Array, rows: jax.Array
+               ) -> jax.Array:
+  """`latent[layer, b, write_at[b]] = rows[b]` for every b, in place.
+
+  latent: [L, B, T, W]; write_at: [B], each in [0, T); rows: [B, W].
+  One `dynamic_update_slice` per sequence, on the device holding it (a shard_map over
+  the batch's mesh axes), and no bounds check (the cache keeps a sink position for
+  writes that must not land). XLA:TPU lays out a cache updated by a scatter, by a
+  partitioned update or next to a bounds-checking read of its own, anew: it copies
+  the whole cache into that layout and back on every decode step (2 × 0.75 GB per
+  32K-token sequence of the release), where local slice updates leave it in place.
+  """
+  def write(latent, write_at, rows):
+    for b in range(rows.shape[0]):
+      row = rows[b].reshape(1, 1, 1, -1)
+      latent = jax.lax.dynamic_update_slice(latent, row, (layer, b, write_at[b], 0))
+    return latent
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return write(latent, write_at, rows)
+  batch = sharding.logical_spec(("batch",), (rows.shape[0],), mesh)[0]
+  return jax.shard_map(write, mesh=mesh, in_specs=(P(None, batch), P(batch), P(batch)),
+                       out_specs=P(None, batch))(latent, write_at, rows)
 
 
 def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from smallfour.config import TextConfig
-from smallfour.nn import expert_parallel, moe_kernels, params
+from smallfour.nn import expert_parallel, fp8, moe_kernels, params
 
 _F32 = jnp.float32
 
@@ -26,13 +26,14 @@ _F32 = jnp.float32
 class MLP(nnx.Module):
   """SwiGLU `down(silu(gate·x) ⊙ up·x)`: the shared experts and the dense layers."""
 
-  def __init__(self, hidden: int, width: int, *, rngs: nnx.Rngs, param_dtype: jnp.dtype):
-    self.gate_proj = params.weight(rngs, (hidden, width), ("embed", "mlp"), fan_in=hidden,
-                                   dtype=param_dtype)
-    self.up_proj = params.weight(rngs, (hidden, width), ("embed", "mlp"), fan_in=hidden,
-                                 dtype=param_dtype)
-    self.down_proj = params.weight(rngs, (width, hidden), ("mlp", "embed"), fan_in=width,
-                                   dtype=param_dtype)
+  def __init__(self, hidden: int, width: int, *, rngs: nnx.Rngs, param_dtype: jnp.dtype,
+               fp8: bool = False):
+    """`fp8`: the three projections are held FP8-resident (`params.weight`)."""
+    w = lambda shape, axes, fan_in: params.weight(  # noqa: E731
+        rngs, shape, axes, fan_in=fan_in, dtype=param_dtype, fp8_scales=0 if fp8 else None)
+    self.gate_proj = w((hidden, width), ("embed", "mlp"), hidden)
+    self.up_proj = w((hidden, width), ("embed", "mlp"), hidden)
+    self.down_proj = w((width, hidden), ("mlp", "embed"), width)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [..., D] -> [..., D]."""
@@ -73,15 +74,23 @@ class Router(nnx.Module):
 
 
 class RoutedExperts(nnx.Module):
-  """E SwiGLU experts stored as stacked `[E, D, F]` / `[E, F, D]` arrays."""
+  """E SwiGLU experts stored as stacked `[E, D, F]` / `[E, F, D]` arrays.
 
-  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype: jnp.dtype):
+  FP8-resident (`fp8`), each expert has its own multiplier, as released.
+  """
+
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype: jnp.dtype,
+               fp8: bool = False):
     e, d, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     w = lambda shape, axes, fan_in: params.weight(  # noqa: E731
-        rngs, shape, axes, fan_in=fan_in, dtype=param_dtype)
+        rngs, shape, axes, fan_in=fan_in, dtype=param_dtype, fp8_scales=1 if fp8 else None)
     self.gate_proj = w((e, d, f), ("expert", "embed", "expert_mlp"), d)
     self.up_proj = w((e, d, f), ("expert", "embed", "expert_mlp"), d)
     self.down_proj = w((e, f, d), ("expert", "expert_mlp", "embed"), f)
+
+  def stacked(self) -> tuple[jax.Array | fp8.Fp8Array, ...]:
+    """(gate, up, down) as the kernels take them: arrays, or FP8 codes with scales."""
+    return fp8.packed(self.gate_proj), fp8.packed(self.up_proj), fp8.packed(self.down_proj)
 
 
 def dense_oracle(experts: RoutedExperts, x: jax.Array, weights: jax.Array,
@@ -106,8 +115,7 @@ def _on_module(kernel: moe_kernels.Kernel) -> MoeKernel:
 
   def run(experts: RoutedExperts, x: jax.Array, weights: jax.Array,
           ids: jax.Array) -> jax.Array:
-    return kernel(experts.gate_proj[...], experts.up_proj[...], experts.down_proj[...], x,
-                  weights, ids)
+    return kernel(*experts.stacked(), x, weights, ids)
 
   return run
 
@@ -143,13 +151,11 @@ def routed_experts(experts: RoutedExperts, x: jax.Array, weights: jax.Array, ids
   mesh = _mesh()
   if impl == "auto":
     impl = ("expert_parallel" if mesh is not None
-            else moe_kernels.select_kernel(x.shape[0], jax.default_backend()))
+            else moe_kernels.select_kernel(x.shape[0], moe_kernels.target_platform()))
   if impl == "expert_parallel":
     if mesh is None:
       raise ValueError("the expert_parallel MoE needs a multi-device mesh (jax.set_mesh)")
-    return expert_parallel.routed_experts(
-        experts.gate_proj[...], experts.up_proj[...], experts.down_proj[...], x, weights,
-        ids, mesh=mesh)
+    return expert_parallel.routed_experts(*experts.stacked(), x, weights, ids, mesh=mesh)
   return KERNELS[impl](experts, x, weights, ids)
 
 
@@ -165,12 +171,14 @@ def set_impl(model: nnx.Module, impl: str) -> None:
 class MoE(nnx.Module):
   """Routed experts plus unweighted shared experts: `Σ_k w_k·E_k(x) + shared(x)`."""
 
-  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype: jnp.dtype):
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype: jnp.dtype,
+               fp8: bool = False):
+    """`fp8`: experts and shared experts FP8-resident; the router stays in param_dtype."""
     self.router = Router(cfg, rngs=rngs, param_dtype=param_dtype)
-    self.experts = RoutedExperts(cfg, rngs=rngs, param_dtype=param_dtype)
+    self.experts = RoutedExperts(cfg, rngs=rngs, param_dtype=param_dtype, fp8=fp8)
     self.shared_experts = (
         MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, rngs=rngs,
-            param_dtype=param_dtype) if cfg.n_shared_experts else None)
+            param_dtype=param_dtype, fp8=fp8) if cfg.n_shared_experts else None)
     self.impl = "auto"  # see routed_experts; change with set_impl
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -5,7 +5,9 @@ gate/up: [E, D, F], down: [E, F, D],
 
   out[n] = Σ_k weights[n, k] · down[e](silu(x[n] @ gate[e]) ⊙ (x[n] @ up[e])),  e = ids[n, k]
 
-and returns [N, D] in x.dtype. Assignments whose id is outside [0, E) contribute zero:
+and returns [N, D] in x.dtype. The stacked weights are arrays, or FP8-resident
+`fp8.Fp8Array`s (e4m3 codes, one multiplier per expert): those are indexed as codes and
+dequantized per use, never as a whole. Assignments whose id is outside [0, E) contribute zero:
 under `jax.shard_map` a shard holds a local slice of experts and is handed ids already
 offset to its local range, with the ones it does not own set to -1 or E.
 
@@ -19,6 +21,8 @@ activation dtype before the down projection (the usual mixed-precision contract)
                  expert, so padding blocks and foreign rows cost nothing.
   gather         gathers the K selected experts' weights per token ([N, K, D, F] copies);
                  meant for decode, but on XLA:CPU sorted_blocks is faster even at N=1.
+  expert_loop    GPU/TPU decode: one iteration per distinct expert used (a dynamic trip
+                 count), on all N rows; reads each used expert once and no other.
   ragged_dot     rows sorted by expert, `jax.lax.ragged_dot` (the GPU/TPU grouped matmul).
   dense          every expert on every row; the oracle's arithmetic, O(N·E).
 
@@ -36,25 +40,42 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from smallfour.nn import fp8
+
 _F32 = jnp.float32
 
-Kernel = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array],
-                  jax.Array]
+Weight = jax.Array | fp8.Fp8Array
+Kernel = Callable[[Weight, Weight, Weight, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """einsum accumulating in, and returning, float32.
+def target_platform() -> str:
+  """The platform being compiled for: the devices of the mesh set with `jax.set_mesh`,
+  else the default backend.
+
+  Not `jax.default_backend()` alone: a plan compiles for TPUs that are not on this
+  machine (`smallfour.plan`), under a mesh of their devices, while the default backend
+  is the CPU.
+  """
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  return jax.default_backend() if device is None else device.platform
+
+
+def _einsum(spec: str, a: jax.Array, b: Weight) -> jax.Array:
+  """einsum of activations `a` and a weight `b`, accumulating in, and returning, float32.
 
   XLA:CPU (jax 0.10.2) rejects some bf16 x bf16 = f32 dots at run time ("Unsupported element
   type for DotThunk"), so there narrower operands are widened first (it would widen them
-  internally anyway); GPU/TPU accumulate bf16 products in float32 natively.
+  internally anyway); GPU/TPU accumulate bf16 products in float32 natively. An FP8 weight
+  is dequantized to the activations' dtype inside the expression, which XLA fuses into
+  the dot.
   """
-  if jax.default_backend() == "cpu":
+  b = fp8.dense(b, a.dtype)
+  if target_platform() == "cpu":
     a, b = a.astype(_F32), b.astype(_F32)
   return jnp.einsum(spec, a, b, preferred_element_type=_F32)
 
 
-def _swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, spec: str) -> jax.Array:
+def _swiglu(x: jax.Array, gate: Weight, up: Weight, spec: str) -> jax.Array:
   """silu(x·gate) ⊙ (x·up) with float32 accumulation, in x.dtype."""
   return (jax.nn.silu(_einsum(spec, x, gate)) * _einsum(spec, x, up)).astype(x.dtype)
 
@@ -74,7 +95,7 @@ def _combine(weights: jax.Array, ids: jax.Array, num_experts: int, rows: jax.Arr
   return jnp.einsum("nk,nkd->nd", w, rows, preferred_element_type=_F32).astype(dtype)
 
 
-def dense(gate: jax.Array, up: jax.Array, down: jax.Array, x: jax.Array, weights: jax.Array,
+def dense(gate: Weight, up: Weight, down: Weight, x: jax.Array, weights: jax.Array,
           ids: jax.Array) -> jax.Array:
   """Every expert on every token, then keep the routed ones. O(N·E) work.
 
@@ -89,7 +110,7 @@ def dense(gate: jax.Array, up: jax.Array, down: jax.Array, x: jax.Array, weights
   return jnp.einsum("ne,ned->nd", combine, out).astype(x.dtype)
 
 
-def gather(gate: jax.Array, up: jax.Array, down: jax.Array, x: jax.Array, weights: jax.Array,
+def gather(gate: Weight, up: Weight, down: Weight, x: jax.Array, weights: jax.Array,
            ids: jax.Array) -> jax.Array:
   """Gathers each token's K experts' weights: [N, K, D, F] copies. For decode (small N).
 
@@ -134,7 +155,7 @@ def default_block_size(num_rows: int, num_experts: int) -> int:
   return min(64, 1 << (mean.bit_length() - 1))
 
 
-def sorted_blocks(gate: jax.Array, up: jax.Array, down: jax.Array, x: jax.Array,
+def sorted_blocks(gate: Weight, up: Weight, down: Weight, x: jax.Array,
                   weights: jax.Array, ids: jax.Array, *, block_size: int | None = None
                   ) -> jax.Array:
   """Rows sorted by expert, each expert's group padded to whole blocks of B rows.
@@ -196,7 +217,41 @@ def sorted_blocks(gate: jax.Array, up: jax.Array, down: jax.Array, x: jax.Array,
   return out.astype(x.dtype)
 
 
-def ragged_dot(gate: jax.Array, up: jax.Array, down: jax.Array, x: jax.Array,
+def expert_loop(gate: Weight, up: Weight, down: Weight, x: jax.Array, weights: jax.Array,
+                ids: jax.Array) -> jax.Array:
+  """A loop over the distinct experts the rows use, each run on all N rows.
+
+  Decode reads weights, not FLOPs: each used expert's weights are read exactly once
+  (sliced out of the stacked arrays, or out of their FP8 codes) and unused ones never,
+  while the N - (its rows) rows it computes for nothing cost little at decode's N.
+  A grouped matmul (`ragged_dot`) takes every local expert as an operand, and XLA's
+  cost analysis charges all of them (16 experts per device per layer on 8 devices, when
+  one token uses ~0.5 of them there and 8 tokens ~3.6). XLA counts this loop's body
+  once, whatever its trip count at run time.
+  gate/up: [E, D, F], down: [E, F, D], x: [N, D], weights/ids: [N, K] -> [N, D].
+  """
+  num_experts = gate.shape[0]
+  n, d = x.shape
+  valid = _valid(ids, num_experts)
+  safe = jnp.where(valid, ids, 0)
+  rows = jnp.broadcast_to(jnp.arange(n)[:, None], ids.shape)
+  # combine[n, e]: the weight row n gives expert e (summed if listed twice), 0 if none.
+  combine = jnp.zeros((n, num_experts), _F32).at[rows, safe].add(
+      jnp.where(valid, weights.astype(_F32), 0.0))
+  used = jnp.zeros((num_experts,), bool).at[safe].max(valid)
+  order = jnp.argsort(~used, stable=True)  # the used experts first
+
+  def one_expert(i, out):
+    e = order[i]
+    y = _einsum("nf,fd->nd", _swiglu(x, gate[e], up[e], "nd,df->nf"), down[e])
+    w = combine[:, e][:, None]
+    return out + jnp.where(w != 0, y * w, 0.0)  # `where`: unrouted rows add nothing
+
+  out = jax.lax.fori_loop(0, used.sum(), one_expert, jnp.zeros((n, d), _F32))
+  return out.astype(x.dtype)
+
+
+def ragged_dot(gate: Weight, up: Weight, down: Weight, x: jax.Array,
                weights: jax.Array, ids: jax.Array) -> jax.Array:
   """Rows sorted by expert through `jax.lax.ragged_dot` grouped matmuls (GPU/TPU path).
 
@@ -207,16 +262,18 @@ def ragged_dot(gate: jax.Array, up: jax.Array, down: jax.Array, x: jax.Array,
   n, k = ids.shape
   s = _sort(ids, num_experts)
   xs = jnp.where((s.key < num_experts)[:, None], x[s.order // k], 0)  # [R, D]
-  g = jax.lax.ragged_dot(xs, gate, s.counts, preferred_element_type=_F32)
-  u = jax.lax.ragged_dot(xs, up, s.counts, preferred_element_type=_F32)
+  g = jax.lax.ragged_dot(xs, fp8.dense(gate, x.dtype), s.counts, preferred_element_type=_F32)
+  u = jax.lax.ragged_dot(xs, fp8.dense(up, x.dtype), s.counts, preferred_element_type=_F32)
   h = (jax.nn.silu(g) * u).astype(x.dtype)
-  ys = jax.lax.ragged_dot(h, down, s.counts, preferred_element_type=_F32)  # [R, D]
+  ys = jax.lax.ragged_dot(h, fp8.dense(down, x.dtype), s.counts,
+                          preferred_element_type=_F32)  # [R, D]
   y = jnp.zeros_like(ys).at[s.order].set(ys, unique_indices=True).reshape(n, k, -1)
   return _combine(weights, ids, num_experts, y, x.dtype)
 
 
 KERNELS: dict[str, Kernel] = {
     "gather": gather,
+    "expert_loop": expert_loop,
     "sorted_blocks": sorted_blocks,
     "ragged_dot": ragged_dot,
     "dense": dense,
@@ -228,13 +285,20 @@ KERNELS: dict[str, Kernel] = {
 CPU_GATHER_MAX_TOKENS = 0
 
 
+# Largest token count routed to `expert_loop` on GPU/TPU: up to a large decode batch.
+# Each used expert then runs on all these rows, a few % of the FLOPs of reading it.
+LOOP_MAX_TOKENS = 64
+
+
 def select_kernel(num_rows: int, backend: str) -> str:
   """The kernel for `num_rows` tokens on `backend` ("cpu", "gpu", "tpu", ...).
 
-  GPU/TPU have a native grouped matmul, so ragged_dot. XLA:CPU emulates ragged_dot, many
-  times slower (benchmarks/moe_kernels.py), so there sorted_blocks, or gather up to
+  GPU/TPU have a native grouped matmul, so ragged_dot, except for decode-sized row
+  counts (up to LOOP_MAX_TOKENS), which read weights more than they compute: expert_loop
+  reads only the experts used. XLA:CPU emulates ragged_dot, many times slower
+  (benchmarks/moe_kernels.py), so there sorted_blocks, or gather up to
   CPU_GATHER_MAX_TOKENS.
   """
   if backend == "cpu":
     return "gather" if num_rows <= CPU_GATHER_MAX_TOKENS else "sorted_blocks"
-  return "ragged_dot"
+  return "expert_loop" if num_rows <= LOOP_MAX_TOKENS else "ragged_dot"
