@@ -41,6 +41,14 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     # norm scales
     ("norm", None),
+    # vision encoder and projector: under 2% of the weights, replicated
+    ("vision_patch", None),
+    ("vision_embed", None),
+    ("vision_heads", None),
+    ("vision_head_dim", None),
+    ("vision_mlp", None),
+    ("vision_merge", None),
+    ("projector_hidden", None),
 )
 
 LOGICAL_AXIS_NAMES: frozenset[str] = frozenset(name for name, _ in LOGICAL_AXIS_RULES)

@@ -11,6 +11,10 @@ never holds more than one expert's float32 transient: HF stores them fused
 (`gate_up_proj [E, 2F, D]`, read one expert's gate or up rows with `read_index`), the
 native format per expert (`experts.e.w1/w2/w3`).
 
+The vision encoder and projector of a multimodal checkpoint map onto `("vision", ...)`
+(`vision_maps`): HF names, or native ones whose q/k rows are permuted from adjacent-pair
+to rotate-half rotary layout (spec §6.4).
+
 Builds only rearrange elements (slices, transposes, reshapes): they commute with the
 elementwise dequantization, which the converter applies after them.
 """
@@ -23,7 +27,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from smallfour.checkpoint.strided import transpose
-from smallfour.config import TextConfig
+from smallfour.config import TextConfig, VisionConfig
 
 Path = tuple[str | int, ...]
 Shape = tuple[int, ...]
@@ -212,3 +216,73 @@ def native_maps(cfg: TextConfig) -> Iterator[list[TensorMap]]:
   for layer in range(cfg.num_layers):
     yield native_layer_maps(cfg, layer)
   yield _global_maps(cfg, "tok_embeddings.weight", "norm.weight", "output.weight")
+
+
+# --------------------------------------------------------------------- vision
+
+# Where a format keeps the vision tower and projector tensors: (tower, projector norm,
+# patch merger, MLP in, MLP out), and its per-layer names (attention, q, k, v, o, gate,
+# up, down). HF on disk and in memory; native (the projector's parts sit at the top).
+_HF_VISION = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
+              "up": "up_proj", "down": "down_proj"}
+_NATIVE_VISION = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w1", "up": "w3",
+                  "down": "w2"}
+VISION_PREFIXES: dict[str, tuple[str, str, str, str, str, dict[str, str]]] = {
+    "vision_tower": ("vision_tower", "multi_modal_projector.norm",
+                     "multi_modal_projector.patch_merger", "multi_modal_projector.linear_1",
+                     "multi_modal_projector.linear_2", _HF_VISION),
+    "model.vision_tower": ("model.vision_tower", "model.multi_modal_projector.norm",
+                           "model.multi_modal_projector.patch_merger",
+                           "model.multi_modal_projector.linear_1",
+                           "model.multi_modal_projector.linear_2", _HF_VISION),
+    "vision_encoder": ("vision_encoder", "pre_mm_projector_norm", "patch_merger",
+                       "vision_language_adapter.w_in", "vision_language_adapter.w_out",
+                       _NATIVE_VISION),
+}
+
+
+def vision_maps(cfg: TextConfig, prefix: str) -> Iterator[list[TensorMap]]:
+  """The vision tower's maps, one list per encoder layer, then the patch embedding and the
+  projector; `prefix` is one of `VISION_PREFIXES`."""
+  v: VisionConfig = cfg.vision
+  tower, norm, merger, w_in, w_out, names = VISION_PREFIXES[prefix]
+  d, h, k, f, text = v.hidden_size, v.num_heads, v.head_dim, v.intermediate_size, cfg.hidden_size
+  native = prefix == "vision_encoder"
+
+  def qk(w):  # [H·K, D] -> [D, H, K]; native rows pair (2j, 2j+1), ours (j, j + K/2)
+    if native:
+      w = w.reshape(h, k // 2, 2, d).transpose(0, 2, 1, 3).reshape(h * k, d)
+    return transpose(w).reshape(d, h, k)
+
+  def heads_in(w):  # [H·K, D] -> [D, H, K]
+    return transpose(w).reshape(d, h, k)
+
+  def heads_out(w):  # [D, H·K] -> [H, K, D]
+    return transpose(w).reshape(h, k, d)
+
+  for j in range(v.num_layers):
+    src, dst = f"{tower}.transformer.layers.{j}", ("vision", "encoder", "layers", j)
+    a, ff = f"{src}.attention", f"{src}.feed_forward"
+    yield [
+        _map(dst + ("attention_norm", "scale"), f"{src}.attention_norm.weight", (d,), _same),
+        _map(dst + ("ffn_norm", "scale"), f"{src}.ffn_norm.weight", (d,), _same),
+        _map(dst + ("attention", "q_proj"), f"{a}.{names['q']}.weight", (h * k, d), qk),
+        _map(dst + ("attention", "k_proj"), f"{a}.{names['k']}.weight", (h * k, d), qk),
+        _map(dst + ("attention", "v_proj"), f"{a}.{names['v']}.weight", (h * k, d), heads_in),
+        _map(dst + ("attention", "o_proj"), f"{a}.{names['o']}.weight", (d, h * k), heads_out),
+        *_swiglu_maps(dst + ("feed_forward",), *(f"{ff}.{names[n]}.weight"
+                                                 for n in ("gate", "up", "down")), d, f),
+    ]
+  pixels = v.num_channels * v.patch_size**2
+  m2 = v.spatial_merge_size**2
+  yield [
+      _map(("vision", "encoder", "patch_conv"), f"{tower}.patch_conv.weight",
+           (d, v.num_channels, v.patch_size, v.patch_size),
+           lambda w: transpose(w.reshape(d, pixels))),
+      _map(("vision", "encoder", "ln_pre", "scale"), f"{tower}.ln_pre.weight", (d,), _same),
+      _map(("vision", "projector", "norm", "scale"), f"{norm}.weight", (d,), _same),
+      _map(("vision", "projector", "merging_layer"), f"{merger}.merging_layer.weight",
+           (d, d * m2), _t),
+      _map(("vision", "projector", "linear_1"), f"{w_in}.weight", (text, d), _t),
+      _map(("vision", "projector", "linear_2"), f"{w_out}.weight", (text, text), _t),
+  ]
