@@ -105,7 +105,7 @@ def test_bad_requests_are_refused_before_any_work(batcher, request_, why):
 
 def test_a_full_queue_refuses(model):
   b = Batcher(model, max_batch=1, max_len=MAX_LEN, prefill_chunk=16, max_queue=2)
-  for _ in range(2):
+  for _ in range(3):  # one for the free slot, two waiting
     b.submit(Request(PROMPTS[1], 4), lambda e: None)
   with pytest.raises(QueueFull):
     b.submit(Request(PROMPTS[1], 4), lambda e: None)

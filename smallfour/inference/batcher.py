@@ -44,7 +44,7 @@ GREEDY = Sampling()
 
 
 class QueueFull(RuntimeError):
-  """Every slot is busy and `max_queue` requests already wait."""
+  """Every slot is busy, or about to be, and `max_queue` requests already wait."""
 
 
 class EngineFailed(RuntimeError):
@@ -102,10 +102,10 @@ class Batcher:
                max_queue: int | None = None, prefill_chunk: int = 256,
                prefill_budget: int = 1024, eos_id: int | None = None,
                mesh: jax.sharding.Mesh | None = None):
-    """`max_queue`: requests that may wait for a slot (None: no limit); `prefill_budget`:
-    prompt tokens prefilled between two steps (at least one prompt), which bounds how long
-    running streams pause for newcomers; `eos_id`: the stop token (default the config's,
-    None in it: none); `mesh`: where the model's parameters live."""
+    """`max_queue`: requests that may wait while every slot is busy (None: no limit);
+    `prefill_budget`: prompt tokens prefilled between two steps (at least one prompt), which
+    bounds how long running streams pause for newcomers; `eos_id`: the stop token (default
+    the config's; None there: none); `mesh`: where the model's parameters live."""
     self.cfg = model.cfg
     self.eos_id = model.cfg.eos_token_id if eos_id is None else eos_id
     self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
@@ -158,9 +158,10 @@ class Batcher:
     with self._lock:
       if self.failure is not None:
         raise EngineFailed(f"the engine failed: {self.failure!r}")
-      if self.max_queue is not None and len(self._waiting) >= self.max_queue:
-        raise QueueFull(f"{len(self._waiting)} requests already wait for one of "
-                        f"{self.max_batch} slots")
+      free = self.max_batch - self.active
+      if self.max_queue is not None and len(self._waiting) >= free + self.max_queue:
+        raise QueueFull(f"all {self.max_batch} slots are busy and {self.max_queue} requests "
+                        "already wait")
       self._waiting.append(ticket)
       self._lock.notify()
     return ticket
@@ -192,6 +193,15 @@ class Batcher:
     while self.step():
       pass
     return results
+
+  def warmup(self) -> list[int]:
+    """Compiles every prompt bucket's prefill and every window's step (a request of each
+    bucket's length less one), so that no client waits for a compilation. Returns the
+    buckets. Not while the engine thread runs."""
+    buckets = sorted({self.bucket(n) for n in range(1, self.max_len + 1)})
+    for b in buckets:  # one at a time: a step's window is its longest sequence's
+      self.generate([Request((0,) * max(b - 1, 1), 2)])
+    return buckets
 
   # -------------------------------------------------------------- the engine loop
 

@@ -1,0 +1,85 @@
+"""A model and its tokenizer from a converted checkpoint or a preset, for the launchers.
+
+    cfg = loading.config(ckpt="/data/small4-bf16")    # or config="tiny" / a directory
+    model, mesh = loading.model(cfg, ckpt=..., mesh="data:1,expert:8,tensor:1")
+    tok = loading.tokenizer(cfg, ckpt=...)            # --tokenizer, the checkpoint's, built-in
+
+Every input fault (a checkpoint that is not one, a mesh that does not fit, a tokenizer file
+that is missing or does not fit the model) is a `LoadError` whose message fits on one line.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from smallfour import configs, sharding
+from smallfour.chat import ChatTokenizer, TokenizerFileError
+from smallfour.checkpoint import restore
+from smallfour.checkpoint.layout import CheckpointError
+from smallfour.config import ConfigError, TextConfig
+from smallfour.nn.decoder import Transformer
+
+
+class LoadError(ValueError):
+  """A checkpoint, preset, mesh or tokenizer that cannot be used; the message says why."""
+
+
+def config(*, ckpt: str | None = None, config: str | None = None) -> TextConfig:
+  """The model config of exactly one of a checkpoint and a preset (name or directory)."""
+  if (ckpt is None) == (config is None):
+    raise LoadError("give exactly one of a checkpoint (--ckpt) and a config (--config)")
+  try:
+    return restore.read_config(ckpt) if ckpt else configs.resolve(config)
+  except (CheckpointError, ConfigError) as e:
+    raise LoadError(str(e)) from None
+
+
+def mesh(cfg: TextConfig, spec: str) -> jax.sharding.Mesh | None:
+  """The mesh "data:D,expert:E,tensor:T" over all devices; None for a single device."""
+  try:
+    built = sharding.make_mesh(sharding.parse_mesh(spec), cfg)
+  except sharding.MeshError as e:
+    raise LoadError(str(e)) from None
+  return None if built.size == 1 else built
+
+
+def model(cfg: TextConfig, *, ckpt: str | None = None, mesh_spec: str = "data:1,expert:1,tensor:1",
+          dtype: str | None = None, seed: int = 0
+          ) -> tuple[Transformer, jax.sharding.Mesh | None]:
+  """The checkpoint's weights, or seeded random ones for a preset (float32 by default),
+  placed on the mesh by the rule table."""
+  placed = mesh(cfg, mesh_spec)
+  if ckpt:
+    try:
+      return restore.restore_model(ckpt, mesh=placed, dtype=dtype), placed
+    except (CheckpointError, ConfigError) as e:
+      raise LoadError(str(e)) from None
+  param_dtype = jnp.dtype(dtype or "float32")
+  make = lambda: Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype)  # noqa: E731
+  return (make() if placed is None else sharding.init_sharded(make, placed)), placed
+
+
+def tokenizer(cfg: TextConfig, *, ckpt: str | None = None, config: str | None = None,
+              path: str | None = None) -> ChatTokenizer:
+  """`path`, else the checkpoint's (or config directory's) tekken.json, else, for a preset,
+  the built-in one; it must fit the model (ids within its vocabulary, the same EOS)."""
+  if path is None and ckpt:
+    path = os.path.join(ckpt, "tekken.json")
+    if not os.path.isfile(path):
+      raise LoadError(f"no tokenizer: {path} does not exist; pass --tokenizer=PATH to a "
+                      "tekken.json")
+  elif path is None and config is not None and config not in configs.PRESETS:
+    path = os.path.join(config, "tekken.json")
+    path = path if os.path.isfile(path) else None
+  try:
+    tok = ChatTokenizer.from_file(path) if path else ChatTokenizer.builtin()
+  except TokenizerFileError as e:
+    raise LoadError(str(e)) from None
+  if tok.vocab_size > cfg.vocab_size or tok.eos_id != cfg.eos_token_id:
+    raise LoadError(f"tokenizer {tok.path} (vocab {tok.vocab_size}, </s> {tok.eos_id}) does "
+                    f"not fit the model (vocab {cfg.vocab_size}, eos {cfg.eos_token_id})")
+  return tok
