@@ -1,20 +1,39 @@
-"""Prints a model's parameter counts as JSON, without allocating the model.
+"""Prints a model's parameter counts, or a serving plan, as JSON, without allocating it.
 
   python launch/info.py --config=small4_119b
   python launch/info.py --config=/path/to/checkpoint_or_config_dir
+  python launch/info.py --config=small4_119b --plan --target=v6e:2x4 --weights_dtype=fp8
+  python launch/info.py --config=small4_119b --plan --target=h100 --mesh=data:1,expert:4,tensor:1
+
+`--plan`: does the config fit the target, with how much room, and how fast could its
+decode and prefill steps go. A TPU topology (v5p:2x2x2, v6e:2x4, tpu7x:2x2x1, ...) is
+compiled for with libtpu (`pip install -e ".[tpu]"`; no TPU needed, ~1-2 min per step
+for the 119B); a GPU (h100, h200, b200) is counted from shapes. See smallfour/plan/.
 """
 
 import json
 
 from absl import app, flags
 
-from smallfour import configs
-from smallfour import summary
+from smallfour import configs, sharding, summary
 from smallfour.config import ConfigError
+from smallfour.nn.fp8 import WEIGHTS_DTYPES
 
 _CONFIG = flags.DEFINE_string(
     "config", "tiny", "A preset name or a directory with smallfour_config.json, an HF "
     "config.json or a native params.json.")
+_PLAN = flags.DEFINE_bool("plan", False, "Print a serving plan instead of the counts.")
+_TARGET = flags.DEFINE_string("target", "v5p:2x2x2",
+                              "TPU topology (e.g. v6e:2x4) or GPU (h100, h200, b200).")
+_MESH = flags.DEFINE_string("mesh", None, "data:D,expert:E,tensor:T (default: every device "
+                            "on expert; for a GPU this also says how many).")
+_WEIGHTS_DTYPE = flags.DEFINE_enum("weights_dtype", "bfloat16", WEIGHTS_DTYPES,
+                                   "Weights in device memory: bf16, or the release's FP8.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Sequences decoded together.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 32768, "Cache tokens per sequence.")
+_PREFILL_LEN = flags.DEFINE_integer("prefill_len", None, "Prompt tokens (default max_len).")
+_JSON = flags.DEFINE_string("json", None, "Also write the JSON here.")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled step's HLO here.")
 
 
 def main(argv):
@@ -23,10 +42,24 @@ def main(argv):
     cfg = configs.resolve(_CONFIG.value)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
-  counts = summary.param_counts(cfg)
-  report = {"config": _CONFIG.value, **counts, "bytes_bfloat16": 2 * counts["total_params"],
-            "text_config": cfg.to_dict()}
-  print(json.dumps(report, indent=2))
+  if _PLAN.value:
+    from smallfour.plan import hardware, report as plan  # noqa: PLC0415 (loads libtpu)
+    try:
+      mesh = sharding.parse_mesh(_MESH.value) if _MESH.value else None
+      out = plan.make_plan(cfg, _TARGET.value, mesh=mesh, weights_dtype=_WEIGHTS_DTYPE.value,
+                           batch=_BATCH.value, max_len=_MAX_LEN.value,
+                           prefill_len=_PREFILL_LEN.value, hlo_dir=_HLO_DIR.value)
+    except (sharding.MeshError, hardware.TargetError) as e:
+      raise app.UsageError(str(e)) from None
+    out = {"config": _CONFIG.value, **out}
+  else:
+    counts = summary.param_counts(cfg)
+    out = {"config": _CONFIG.value, **counts, "bytes_bfloat16": 2 * counts["total_params"],
+           "text_config": cfg.to_dict()}
+  print(json.dumps(out, indent=2))
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,133 @@
+"""Per-device bytes and FLOPs of a serving configuration, counted from shapes.
+
+Nothing is compiled or allocated: parameter shapes come from the abstract model, their
+split from the rule table (`sharding.py`) on a mesh of the given axis sizes. These are the
+"counted" figures of a plan (checked against the compiler's argument bytes on TPU, the
+only figures on GPU) and the "unavoidable" bytes a step must read, the denominator of
+`bytes_accessed / unavoidable` and of the bandwidth ceiling.
+
+Names: B sequences, T cache length, S prompt tokens, E experts (K per token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from smallfour import sharding, summary
+from smallfour.config import TextConfig
+from smallfour.inference.cache import LATENT_AXES, LatentCache
+
+
+def abstract_mesh(sizes: dict[str, int]) -> jax.sharding.AbstractMesh:
+  """A device-free mesh of these axis sizes, for shard shapes."""
+  return jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES),
+                                   sharding.MESH_AXES)
+
+
+def _shard_size(shape: tuple[int, ...], spec: jax.sharding.PartitionSpec,
+                sizes: dict[str, int]) -> int:
+  size = 1
+  for i, dim in enumerate(shape):
+    entry = spec[i] if i < len(spec) else None
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    size *= dim // math.prod(sizes[a] for a in axes)
+  return size
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightBytes:
+  """Per-device parameter bytes by role."""
+
+  embedding: int  # the table: only B rows are read per step
+  routed: int  # routed experts (all local ones)
+  other: int  # everything else (attention, norms, router, shared/dense MLPs, LM head)
+
+  @property
+  def total(self) -> int:
+    return self.embedding + self.routed + self.other
+
+
+def weight_bytes(state: nnx.State, sizes: dict[str, int]) -> WeightBytes:
+  """Bytes of `state` (abstract parameters) one device holds under the rule table."""
+  specs = dict(nnx.to_flat_state(sharding.partition_specs(state)))
+  groups = {"embedding": 0, "routed": 0, "other": 0}
+  for path, var in nnx.to_flat_state(state):
+    nbytes = _shard_size(var.shape, specs[path].get_value(), sizes) * np.dtype(
+        var.dtype).itemsize
+    role = ("embedding" if path[0] == "embedder" else
+            "routed" if "experts" in path else "other")
+    groups[role] += nbytes
+  return WeightBytes(**groups)
+
+
+def cache_bytes(cfg: TextConfig, sizes: dict[str, int], batch: int, length: int,
+                itemsize: int, *, held: bool = True) -> int:
+  """Bytes of the latent cache one device holds (`LatentCache.shape`), or with
+  `held=False` of just `length` tokens per sequence."""
+  shape = LatentCache.shape(cfg, batch, length)
+  if not held:
+    shape = (*shape[:2], length, shape[3])
+  spec = sharding.logical_spec(LATENT_AXES, shape, abstract_mesh(sizes))
+  return _shard_size(shape, spec, sizes) * itemsize
+
+
+def local_experts_used(cfg: TextConfig, sizes: dict[str, int], tokens: int) -> float:
+  """Expected distinct experts of one device that `tokens` tokens (in all) route to.
+
+  The MoE gathers its data group's tokens (tokens / data) over `expert`; each device
+  owns E / expert of the experts, each missed by all of them with probability
+  (1 - K/E)^(tokens / data) under uniform routing.
+  """
+  group = max(1, tokens // sizes["data"])
+  local = cfg.num_experts // sizes["expert"]
+  return local * (1.0 - (1.0 - cfg.num_experts_per_tok / cfg.num_experts) ** group)
+
+
+def unavoidable_bytes(cfg: TextConfig, weights: WeightBytes, sizes: dict[str, int],
+                      tokens: int, cache: int, itemsize: int) -> float:
+  """What one device must move for a step over `tokens` tokens in all.
+
+  Every weight it holds except the embedding table and unused experts, one embedding
+  row per token, the routed experts its share of the tokens use, and `cache` bytes of
+  cache (read by decode over its window, written by prefill).
+  """
+  used = local_experts_used(cfg, sizes, tokens) / (cfg.num_experts // sizes["expert"])
+  return (weights.other + tokens * cfg.hidden_size * itemsize + used * weights.routed + cache)
+
+
+def prefill_flops_per_device(cfg: TextConfig, sizes: dict[str, int], tokens: int) -> float:
+  """Matmul FLOPs of one device in a prefill of one `tokens`-long prompt.
+
+  The routed experts' FLOPs are split over expert × tensor; the rest (attention, shared
+  and dense MLPs, LM head) only over tensor: one sequence does not split over batch axes.
+  """
+  total = summary.prefill_flops(cfg, tokens)
+  moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+  routed = 2 * tokens * cfg.num_experts_per_tok * 3 * cfg.hidden_size * (
+      cfg.moe_intermediate_size) * moe_layers
+  return (total - routed) / sizes["tensor"] + routed / (sizes["expert"] * sizes["tensor"])
+
+
+def counted(cfg: TextConfig, state: nnx.State, sizes: dict[str, int], *, batch: int,
+            max_len: int, prefill_len: int, itemsize: int) -> dict[str, Any]:
+  """The from-shapes figures of a decode step (B = batch, T = max_len) and a prefill."""
+  weights = weight_bytes(state, sizes)
+  decode_cache = cache_bytes(cfg, sizes, batch, max_len, itemsize)
+  prefill_cache = cache_bytes(cfg, sizes, 1, max_len, itemsize)
+  written = cache_bytes(cfg, sizes, 1, prefill_len, itemsize, held=False)
+  return {
+      "weights": weights,
+      "decode": {"weights_bytes": weights.total, "cache_bytes": decode_cache,
+                 "unavoidable_bytes": unavoidable_bytes(cfg, weights, sizes, batch,
+                                                        decode_cache, itemsize)},
+      "prefill": {"weights_bytes": weights.total, "cache_bytes": prefill_cache,
+                  "unavoidable_bytes": unavoidable_bytes(cfg, weights, sizes, prefill_len,
+                                                         written, itemsize),
+                  "flops": prefill_flops_per_device(cfg, sizes, prefill_len)},
+  }

@@ -1,0 +1,128 @@
+"""A serving plan: does a config fit a target, and how fast could its steps go there.
+
+For a TPU topology the real decode step (B sequences over a T-token cache) and prefill
+(one S-token prompt) are compiled from abstract inputs for its devices (`Engine.lower_*`
+on a mesh of libtpu's abstract devices), and XLA:TPU's own figures are reported next to
+the counts from shapes; for a GPU (no compiler here) only the counts exist, and the
+report says so. All byte figures are per device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from smallfour import sharding
+from smallfour.config import TextConfig
+from smallfour.inference.engine import Engine
+from smallfour.nn.decoder import Transformer
+from smallfour.nn.fp8 import WEIGHTS_DTYPES
+from smallfour.plan import compiled as compiled_lib
+from smallfour.plan import counts, hardware, hlo
+
+CACHE_DTYPE = jnp.bfloat16  # the activation (and cache) dtype of a served model
+
+
+def default_mesh(target: hardware.Target) -> dict[str, int]:
+  """Every device on the expert axis: weights split, nothing replicated but attention."""
+  return {"data": 1, "expert": target.count, "tensor": 1}
+
+
+def _step(analysis: dict[str, Any] | None, count: dict[str, Any], tokens: int,
+          seconds_floor: float) -> dict[str, Any]:
+  """One step's entry: compiler figures (when compiled), counts, ratio and ceiling."""
+  out: dict[str, Any] = {
+      "compiled": None,
+      "counted": {"weights_bytes": count["weights_bytes"], "cache_bytes": count["cache_bytes"]},
+      "bytes_accessed": None, "flops": None,
+      "unavoidable_bytes": count["unavoidable_bytes"],
+      "ceiling_tokens_per_s": tokens / seconds_floor,
+  }
+  if analysis is not None:
+    out.update({k: analysis[k] for k in ("compiled", "bytes_accessed", "flops")
+                if k in analysis})
+    if "out_of_memory" in analysis:
+      out["out_of_memory"] = analysis["out_of_memory"]
+    if out["bytes_accessed"]:
+      out["bytes_accessed_ratio"] = out["bytes_accessed"] / count["unavoidable_bytes"]
+  return out
+
+
+def make_plan(cfg: TextConfig, target_name: str, *, mesh: dict[str, int] | None = None,
+              weights_dtype: str = "bfloat16", batch: int = 8, max_len: int = 32768,
+              prefill_len: int | None = None, hlo_dir: str | None = None) -> dict[str, Any]:
+  """The plan of serving `cfg` on `target_name` (see module docstring) as a JSON-able dict.
+
+  `prefill_len` defaults to `max_len` (the longest prompt the cache holds); `hlo_dir`
+  receives each compiled step's optimized HLO (`<step>.hlo`) and the source lines whose
+  ops move the most bytes in it (`<step>_bytes_by_line.json`, see hlo.py).
+  """
+  if weights_dtype not in WEIGHTS_DTYPES:
+    raise ValueError(f"weights_dtype={weights_dtype!r}; expected one of {WEIGHTS_DTYPES}")
+  prefill_len = prefill_len or max_len
+  gpus = None if mesh is None else mesh["data"] * mesh["expert"] * mesh["tensor"]
+  target = hardware.resolve(target_name, gpus or 1)
+  sizes = mesh or default_mesh(target)
+  itemsize = jnp.dtype(CACHE_DTYPE).itemsize
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=CACHE_DTYPE,
+                                             fp8=weights_dtype == "fp8"))
+  count = counts.counted(cfg, nnx.state(model, nnx.Param), sizes, batch=batch,
+                         max_len=max_len, prefill_len=prefill_len, itemsize=itemsize)
+  analyses: dict[str, Any] = {"decode": None, "prefill": None}
+  if target.compiled:
+    device_mesh = sharding.make_mesh(sizes, cfg, devices=list(target.devices))
+    engine = Engine(model, max_len=max_len, mesh=device_mesh)
+    analyses = {"decode": compiled_lib.analyze(engine.lower_step(batch)),
+                "prefill": compiled_lib.analyze(engine.lower_prefill(prefill_len))}
+    if hlo_dir:
+      os.makedirs(hlo_dir, exist_ok=True)
+      for step, analysis in analyses.items():
+        if "hlo" in analysis:
+          with open(os.path.join(hlo_dir, f"{step}.hlo"), "w") as f:
+            f.write(analysis["hlo"])
+          with open(os.path.join(hlo_dir, f"{step}_bytes_by_line.json"), "w") as f:
+            json.dump(hlo.top_ops(analysis["hlo"], 40), f, indent=1)
+  decode_seconds = count["decode"]["unavoidable_bytes"] / target.bandwidth
+  prefill_seconds = max(count["prefill"]["unavoidable_bytes"] / target.bandwidth,
+                        count["prefill"]["flops"] / target.flops)
+  report: dict[str, Any] = {
+      "target": target_name,
+      "chip": target.chip.name,
+      "devices": target.count,
+      "mesh": sizes,
+      "weights_dtype": weights_dtype,
+      "batch": batch,
+      "max_len": max_len,
+      "prefill_len": prefill_len,
+      "source": ("compiled by XLA:TPU (libtpu) for abstract devices; counts from shapes"
+                 if target.compiled else
+                 "arithmetic from shapes (no GPU compiler here): weights and cache only, "
+                 "no activations or runtime reserve"),
+      "hbm_bytes_per_device": target.chip.hbm_bytes,
+      "decode": _step(analyses["decode"], count["decode"], batch, decode_seconds),
+      "prefill": _step(analyses["prefill"], count["prefill"], prefill_len, prefill_seconds),
+  }
+  report.update(_fit(report, target))
+  return report
+
+
+def _fit(report: dict[str, Any], target: hardware.Target) -> dict[str, Any]:
+  """`fits`, and `headroom_bytes` (free at the peak of the larger step) or
+  `missing_bytes`; the compiler decides for TPUs, weights + cache for GPUs."""
+  hbm = target.chip.hbm_bytes
+  steps = [report["decode"], report["prefill"]]
+  if not target.compiled:
+    need = max(s["counted"]["weights_bytes"] + s["counted"]["cache_bytes"] for s in steps)
+  elif any(s["compiled"] is None for s in steps):
+    missing = max(s["out_of_memory"]["needed_bytes"] - s["out_of_memory"]["available_bytes"]
+                  for s in steps if s["compiled"] is None)
+    return {"fits": False, "missing_bytes": missing}
+  else:
+    need = max(compiled_lib.peak_bytes(s["compiled"]) for s in steps)
+  if need > hbm:
+    return {"fits": False, "missing_bytes": need - hbm}
+  return {"fits": True, "headroom_bytes": hbm - need}

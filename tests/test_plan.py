@@ -1,0 +1,137 @@
+"""Serving plans (`launch/info.py --plan`): compiled for an abstract TPU topology by libtpu
+and checked against counts from shapes made here independently; GPU plans on paper."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from smallfour import configs, summary
+from smallfour.plan import compiled, hardware
+from smallfour.plan import report as plan_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP_KEYS = {"compiled", "counted", "bytes_accessed", "flops", "unavoidable_bytes",
+             "ceiling_tokens_per_s"}
+
+
+def tiny():
+  return configs.resolve("tiny")
+
+
+def expected_counts(cfg, experts_axis, batch, max_len, weight_bytes=2):
+  """Per-device weights, decode cache and decode unavoidable bytes with every device on
+  the expert axis, from the parameter counts alone (bf16)."""
+  counts = summary.param_counts(cfg)
+  routed = counts["routed_expert_params"]
+  weights = weight_bytes * (counts["total_params"] - routed + routed // experts_axis)
+  width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+  cache = 2 * cfg.num_layers * batch * (max_len + 1) * width // experts_axis  # + the sink
+  local = cfg.num_experts // experts_axis
+  used = local * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** batch)
+  unavoidable = (weight_bytes * (counts["total_params"] - routed - counts["embedding_params"])
+                 + 2 * batch * cfg.hidden_size + used / local * weight_bytes * routed
+                 // experts_axis + cache)
+  return weights, cache, unavoidable
+
+
+def test_tpu_plan_compiles_and_agrees_with_shapes(tmp_path):
+  cfg, batch, max_len = tiny(), 4, 256
+  plan = plan_lib.make_plan(cfg, "v5e:2x2", batch=batch, max_len=max_len, prefill_len=64,
+                            hlo_dir=str(tmp_path))
+  assert plan["mesh"] == {"data": 1, "expert": 4, "tensor": 1}
+  assert plan["chip"] == "TPU v5e" and plan["devices"] == 4
+  weights, cache, unavoidable = expected_counts(cfg, 4, batch, max_len)
+  decode, prefill = plan["decode"], plan["prefill"]
+  assert STEP_KEYS <= set(decode) and STEP_KEYS <= set(prefill)
+  assert set(decode["compiled"]) == {"argument_bytes", "temp_bytes", "output_bytes",
+                                     "alias_bytes", "compile_seconds"}
+  assert decode["counted"] == {"weights_bytes": weights, "cache_bytes": cache}
+  assert decode["unavoidable_bytes"] == pytest.approx(unavoidable)
+  # The compiler's arguments are the weights and the cache (+ tokens, flags, key).
+  assert decode["compiled"]["argument_bytes"] == pytest.approx(weights + cache, rel=0.02)
+  assert decode["compiled"]["alias_bytes"] >= cache  # the donated cache is updated in place
+  assert prefill["counted"]["weights_bytes"] == weights
+  assert prefill["compiled"]["argument_bytes"] == pytest.approx(weights, rel=0.02)
+  for step in (decode, prefill):
+    assert step["bytes_accessed"] > 0 and step["flops"] > 0
+  assert plan["fits"] is True
+  peak = max(compiled.peak_bytes(s["compiled"]) for s in (decode, prefill))
+  assert plan["headroom_bytes"] == pytest.approx(hardware.TPU_CHIPS["TPU v5 lite"].hbm_bytes
+                                                 - peak)
+  assert decode["ceiling_tokens_per_s"] == pytest.approx(batch * 0.819e12 / unavoidable)
+  json.dumps(plan)  # all of it is JSON
+  # Where the decode step's bytes go, by source line: the LM head reads its whole
+  # [D, V] weight (the tiny model's largest), and the lines account for the step.
+  lines = json.loads((tmp_path / "decode_bytes_by_line.json").read_text())
+  head = next(r for r in lines if r["where"].startswith("nn/decoder.py"))
+  assert head["bytes"] >= 2 * cfg.hidden_size * cfg.vocab_size
+  assert sum(r["bytes"] for r in lines) <= decode["bytes_accessed"]
+  assert (tmp_path / "prefill.hlo").exists()
+
+
+def test_tpu_plan_that_does_not_fit_is_an_answer():
+  """A cache of 2^27 tokens per sequence needs ~19 GB per v5e device (16 GB): XLA:TPU
+  refuses to compile, and the plan says by how much it misses."""
+  plan = plan_lib.make_plan(tiny(), "v5e:2x2", batch=4, max_len=2**27, prefill_len=64)
+  assert plan["fits"] is False
+  assert plan["decode"]["compiled"] is None
+  oom = plan["decode"]["out_of_memory"]
+  assert oom["needed_bytes"] > oom["available_bytes"] == pytest.approx(15.75 * 2**30)
+  assert plan["missing_bytes"] >= oom["needed_bytes"] - oom["available_bytes"]
+
+
+def test_out_of_memory_messages():
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+             "HLO temporaries (34.20G) exceeds available HBM (31.25G).")
+  assert compiled.out_of_memory(message) == {"needed_bytes": 34.2 * 2**30,
+                                             "available_bytes": 31.25 * 2**30}
+  assert compiled.out_of_memory("Used 100.5G of 95.74G hbm. Exceeded by 4.76G. "
+                                "RESOURCE_EXHAUSTED")["needed_bytes"] == 100.5 * 2**30
+  assert compiled.out_of_memory("INVALID_ARGUMENT: something else") is None
+
+
+def test_gpu_plan_is_arithmetic():
+  cfg = tiny()
+  plan = plan_lib.make_plan(cfg, "h100", mesh={"data": 1, "expert": 2, "tensor": 1},
+                            batch=2, max_len=128, weights_dtype="fp8")
+  assert plan["devices"] == 2 and "arithmetic" in plan["source"]
+  assert plan["decode"]["compiled"] is None and plan["decode"]["bytes_accessed"] is None
+  # FP8-resident: one byte per code, four per scale, the rest bf16.
+  flat = summary.abstract_flat(cfg, fp8=True)
+  per_device = sum(v.size * v.dtype.itemsize // (2 if "experts" in p and p[-3] == "experts"
+                                                   else 1) for p, v in flat.items())
+  assert plan["decode"]["counted"]["weights_bytes"] == per_device
+  assert plan["fits"] is True
+  huge = plan_lib.make_plan(cfg, "h100", batch=1, max_len=2**30)
+  need = huge["decode"]["counted"]["weights_bytes"] + huge["decode"]["counted"]["cache_bytes"]
+  assert huge["fits"] is False
+  assert huge["missing_bytes"] == need - hardware.GPU_CHIPS["h100"].hbm_bytes
+
+
+def test_info_cli_plan(tmp_path):
+  out = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "info.py"), "--config=tiny", "--plan",
+       "--target=h200", "--max_len=64", f"--json={tmp_path / 'plan.json'}"],
+      capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  plan = json.loads((tmp_path / "plan.json").read_text())
+  assert plan == json.loads(out.stdout)
+  assert {"fits", "hbm_bytes_per_device", "decode", "prefill"} <= set(plan)
+  bad = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "info.py"), "--config=tiny", "--plan",
+       "--target=v9z:1x1"], capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "neither a GPU" in bad.stderr
+
+
+def test_libtpu_is_quiet_on_a_host_without_tpus():
+  """With libtpu installed (the test extra), a plain start on a CPU (or GPU) host prints
+  nothing from it: smallfour gives it the settings it would otherwise look for."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_PLATFORMS", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES")}
+  out = subprocess.run([sys.executable, "-c", "import smallfour, jax; print(jax.devices())"],
+                       capture_output=True, text=True, timeout=120, env=env)
+  assert out.returncode == 0, out.stderr
+  assert "TPU" not in out.stderr, out.stderr
