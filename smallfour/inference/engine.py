@@ -5,6 +5,10 @@ every compiled function takes the state as an argument and merges inside, so wei
 are never baked into executables. The cache is donated to every step. Prompt lengths
 are padded to power-of-two buckets, so a handful of prefill shapes compile.
 
+A prompt's images (preprocessed pixels, `smallfour.images`) are encoded once, before its
+prefill, by their own compiled function (patch counts bucketed alike); prefill writes the
+rows over the prompt's [IMG] tokens, and decode reads them from the cache like any token.
+
 On a mesh, parameters stay where the rule table put them, the cache is split by the
 table (`batch` over data×expert when the batch divides), every host-bound result
 (tokens, logits, flags) is replicated so each process can read it, and everything is
@@ -26,9 +30,11 @@ from smallfour.inference import cache as cache_lib
 from smallfour.inference import forward
 from smallfour.inference.cache import LATENT_AXES, LatentCache
 from smallfour.inference.sampling import Sampling, sample
+from smallfour.nn import multimodal
 from smallfour.nn.decoder import Transformer
 
 MIN_BUCKET = 16
+MIN_PATCH_BUCKET = 64
 PAD = -1  # marks "no token" in generated outputs
 
 
@@ -54,6 +60,7 @@ class Engine:
     self.dtype = model.embedder.get_value().dtype
     self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("chunk",))
     self._prefill = self._on_mesh(self._prefill_jit)
+    self._encode = self._jit(self._encode_impl)
     self._zeros = self._jit(self._zeros_impl, static_argnames=("batch",))
     self._insert = self._jit(self._insert_impl, donate_argnums=0)
     self._first = self._jit(self._first_impl, static_argnames=("sampling", "max_new_tokens"))
@@ -67,8 +74,13 @@ class Engine:
   # ------------------------------------------------------------------ public API
 
   def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-               seed: int = 0) -> None:
-    """Raises RequestError naming the offending prompt; nothing is computed."""
+               seed: int = 0, images: Sequence[Sequence[np.ndarray]] | None = None) -> None:
+    """Raises RequestError naming the offending prompt or image; nothing is computed.
+
+    `images`: per prompt, its preprocessed images [C, H, W] in the order of their
+    [IMG] tokens, which must number exactly their image tokens. A prompt without images
+    is text: any [IMG] id in it is embedded as an ordinary token, as transformers does.
+    """
     if not 0 <= seed < 2**32:
       raise RequestError(f"seed must be in [0, 2**32), got {seed}")
     if not prompts:
@@ -84,35 +96,74 @@ class Engine:
       if bad:
         raise RequestError(f"prompt {i} has token ids outside [0, {self.cfg.vocab_size}): "
                            f"{bad[:5]}")
+    if images is not None and len(images) != len(prompts):
+      raise RequestError(f"{len(images)} image lists for {len(prompts)} prompts")
+    for i, p in enumerate(prompts):
+      self._validate_images(i, p, images[i] if images else ())
 
-  def prefill(self, prompt: Sequence[int]) -> tuple[jax.Array, LatentCache]:
-    """One prompt -> (next-token logits [1, V], its cache [B=1, T=max_len])."""
+  def _validate_images(self, i: int, prompt: Sequence[int], images: Sequence[np.ndarray]):
+    vision = self.cfg.vision
+    if not images:
+      return
+    if vision is None:
+      raise RequestError(f"prompt {i} has images, but the model has no vision encoder")
+    placeholders = sum(int(t) == vision.image_token_id for t in prompt)
+    rows = 0
+    for j, pixels in enumerate(images):
+      try:
+        r, c = multimodal.grid(pixels, vision)
+      except ValueError as e:
+        raise RequestError(f"prompt {i}, image {j}: {e}") from None
+      rows += r * c
+    if rows != placeholders:
+      raise RequestError(f"prompt {i} has {placeholders} [IMG] tokens but its {len(images)} "
+                         f"image(s) make {rows} image tokens")
+
+  def prefill(self, prompt: Sequence[int], images: Sequence[np.ndarray] = ()
+              ) -> tuple[jax.Array, LatentCache]:
+    """One prompt (and its images) -> (next-token logits [1, V], its cache [B=1,
+    T=max_len])."""
     s = self.bucket(len(prompt))
     tokens = np.zeros((1, s), np.int32)
     tokens[0, :len(prompt)] = prompt
     chunk = self.prefill_chunk if s % self.prefill_chunk == 0 else s
     return self._prefill(self.state, self._put(tokens),
-                         self._put(np.asarray([len(prompt)], np.int32)), chunk=chunk)
+                         self._put(np.asarray([len(prompt)], np.int32)),
+                         self.encode_images(images), chunk=chunk)
 
-  def start(self, prompts: Sequence[Sequence[int]]) -> tuple[jax.Array, LatentCache]:
+  def encode_images(self, images: Sequence[np.ndarray]) -> jax.Array | None:
+    """Preprocessed images -> their image rows [M, D] (M padded), None for no images."""
+    if not images:
+      return None
+    patches = sum(np.prod(multimodal.grid(i, self.cfg.vision)) for i in images)
+    patches *= self.cfg.vision.spatial_merge_size**2
+    batch = multimodal.pack(images, self.cfg.vision,
+                            pad_to=max(MIN_PATCH_BUCKET, 1 << (int(patches) - 1).bit_length()))
+    return self._encode(self.state, jax.tree.map(self._put, batch))
+
+  def start(self, prompts: Sequence[Sequence[int]],
+            images: Sequence[Sequence[np.ndarray]] | None = None
+            ) -> tuple[jax.Array, LatentCache]:
     """Prefills every prompt and inserts it into its batch slot -> (logits [B, V], cache)."""
     cache = self._zeros(batch=len(prompts))
     logits = []
     for slot, prompt in enumerate(prompts):
-      row_logits, one = self.prefill(prompt)
+      row_logits, one = self.prefill(prompt, images[slot] if images else ())
       cache = self._insert(cache, one, slot)
       logits.append(row_logits)
     return jnp.concatenate(logits), cache
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-               sampling: Sampling = Sampling(), seed: int = 0) -> list[list[int]]:
+               sampling: Sampling = Sampling(), seed: int = 0,
+               images: Sequence[Sequence[np.ndarray]] | None = None) -> list[list[int]]:
     """Generates up to `max_new_tokens` per prompt, under one `jax.lax.while_loop`.
 
     A sequence stops at EOS (kept in its output), at `max_new_tokens`, or when its cache
-    is full. Returns the generated ids per prompt (prompt excluded).
+    is full. `images`: per prompt, its preprocessed images (`validate`). Returns the
+    generated ids per prompt (prompt excluded).
     """
-    self.validate(prompts, max_new_tokens, seed)
-    logits, cache = self.start(prompts)
+    self.validate(prompts, max_new_tokens, seed, images)
+    logits, cache = self.start(prompts, images)
     state = self._first(logits, cache.lengths, self._put(np.uint32(seed)),
                         sampling=sampling, max_new_tokens=max_new_tokens)
     out, _ = self._loop(self.state, cache, *state, sampling=sampling,
@@ -121,11 +172,13 @@ class Engine:
     return _trim(np.asarray(out))
 
   def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-             sampling: Sampling = Sampling(), seed: int = 0) -> Iterator[list[int | None]]:
+             sampling: Sampling = Sampling(), seed: int = 0,
+             images: Sequence[Sequence[np.ndarray]] | None = None
+             ) -> Iterator[list[int | None]]:
     """The same generation one step at a time: yields each step's token per prompt
     (None once a prompt has stopped). Equal, token for token, to `generate`."""
-    self.validate(prompts, max_new_tokens, seed)
-    logits, cache = self.start(prompts)
+    self.validate(prompts, max_new_tokens, seed, images)
+    logits, cache = self.start(prompts, images)
     tokens, out, done, key = self._first(logits, cache.lengths,
                                          self._put(np.uint32(seed)),
                                          sampling=sampling, max_new_tokens=max_new_tokens)
@@ -235,9 +288,13 @@ class Engine:
   def _model(self, state) -> Transformer:
     return nnx.merge(self.graphdef, state)
 
-  def _prefill_impl(self, state, tokens, lengths, *, chunk):
-    logits, cache = forward.prefill(self._model(state), tokens, lengths, self.max_len, chunk)
+  def _prefill_impl(self, state, tokens, lengths, image_rows=None, *, chunk):
+    logits, cache = forward.prefill(self._model(state), tokens, lengths, self.max_len, chunk,
+                                    image_rows)
     return *self._replicated(logits), self._placed(cache)
+
+  def _encode_impl(self, state, images):
+    return self._replicated(self._model(state).vision(images))[0]
 
   def _zeros_impl(self, *, batch):
     return self._placed(LatentCache.zeros(self.cfg, batch, self.max_len, self.dtype))

@@ -16,16 +16,18 @@ from smallfour.nn.decoder import Transformer
 
 
 def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, max_len: int,
-            chunk: int) -> tuple[jax.Array, LatentCache]:
+            chunk: int, image_rows: jax.Array | None = None) -> tuple[jax.Array, LatentCache]:
   """Runs right-padded prompts and returns the next-token logits and their cache.
 
-  tokens: [B, S] (S a multiple of `chunk`, S ≤ max_len); lengths: [B] real tokens per row.
-  Returns (logits [B, V] at each row's last real token, LatentCache of T = max_len).
+  tokens: [B, S] (S a multiple of `chunk`, S ≤ max_len); lengths: [B] real tokens per row;
+  image_rows: [M, D] the prompts' images (`model.vision`'s output), written over their
+  [IMG] tokens in order. Returns (logits [B, V] at each row's last real token, LatentCache
+  of T = max_len). Decode never sees images: their rows live on in the cache.
   """
   b, s = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   valid = positions < lengths[:, None]
-  h = model.embed(tokens)
+  h = model.embed(tokens, image_rows)
   pos = model.positions(positions, h.dtype)
   latents = []
   for layer in model.layers:

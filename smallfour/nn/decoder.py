@@ -1,4 +1,5 @@
-"""The decoder block and the text model with its untied head (spec §2.1, §4)."""
+"""The decoder block and the text model with its untied head (spec §2.1, §4), and the
+vision path of a multimodal config (spec §5)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from smallfour.config import TextConfig
-from smallfour.nn import params
+from smallfour.nn import multimodal, params
 from smallfour.nn.mla import MLA
 from smallfour.nn.moe import MLP, MoE
 from smallfour.nn.norm import RMSNorm
@@ -75,20 +76,29 @@ class Transformer(nnx.Module):
                             for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.lm_head = params.weight(rngs, (d, v), ("embed", "vocab"), fan_in=d, dtype=param_dtype)
+    # Built last, so the text weights draw the same values with or without it.
+    self.vision = None if cfg.vision is None else multimodal.VisionPath(
+        cfg.vision, d, rngs=rngs, param_dtype=param_dtype)
 
-  def embed(self, tokens: jax.Array) -> jax.Array:
-    """tokens: [B, S] int -> [B, S, D] (no embedding scaling)."""
-    return jnp.take(self.embedder[...], tokens, axis=0)
+  def embed(self, tokens: jax.Array, image_rows: jax.Array | None = None) -> jax.Array:
+    """tokens: [B, S] int -> [B, S, D] (no embedding scaling); `image_rows` [M, D]
+    (`self.vision`'s output) replace the [IMG] tokens' embeddings, in order."""
+    h = jnp.take(self.embedder[...], tokens, axis=0)
+    if image_rows is None:
+      return h
+    return multimodal.merge(h, tokens, image_rows, self.cfg.vision.image_token_id)
 
   def positions(self, positions: jax.Array, dtype: jnp.dtype) -> PositionEncoding:
     return encode_positions(positions, self.cfg.qk_rope_head_dim, self.cfg.rope, dtype)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               valid: jax.Array | None = None) -> jax.Array:
+               valid: jax.Array | None = None,
+               images: multimodal.ImageBatch | None = None) -> jax.Array:
     """Teacher-forced forward pass over whole sequences.
 
     tokens: [B, S] int; positions: [B, S] (default `arange(S)`); valid: [B, S] bool marks
-    real (non-padding) tokens, default all. Returns logits [B, S, V] in the activation dtype.
+    real (non-padding) tokens, default all; images: the prompt's images, packed in the
+    order of their [IMG] tokens. Returns logits [B, S, V] in the activation dtype.
     """
     b, s = tokens.shape
     if positions is None:
@@ -96,7 +106,7 @@ class Transformer(nnx.Module):
     mask = positions[:, None, :] <= positions[:, :, None]  # causal by position: [B, S, T]
     if valid is not None:
       mask &= valid[:, None, :]
-    h = self.embed(tokens)
+    h = self.embed(tokens, None if images is None else self.vision(images))
     pos = self.positions(positions, h.dtype)
     for layer in self.layers:
       h = layer(h, pos, mask)
