@@ -57,14 +57,19 @@ def abstract_params(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16,
 
 
 def param_counts(cfg: TextConfig) -> dict[str, Any]:
-  """Total parameters and parameters active per token (spec §1.4).
+  """Total parameters, those of the text model, the vision encoder and the projector,
+  and parameters active per text token (spec §1.4).
 
-  A token runs every non-expert weight, its `num_experts_per_tok` routed experts and
-  the shared experts. "without embeddings" excludes the embedding table and the LM head.
+  A token runs every non-expert weight of the text model, its `num_experts_per_tok`
+  routed experts and the shared experts (images run the vision path once, at prefill).
+  "without embeddings" excludes the embedding table and the LM head.
   """
-  groups = {"embedding": 0, "lm_head": 0, "routed_experts": 0, "other": 0}
+  groups = {"embedding": 0, "lm_head": 0, "routed_experts": 0, "other": 0,
+            "vision_encoder": 0, "projector": 0}
   for path, var in nnx.to_flat_state(abstract_params(cfg)):
-    if path[0] == "embedder":
+    if path[0] == "vision":
+      key = "vision_encoder" if path[1] == "encoder" else "projector"
+    elif path[0] == "embedder":
       key = "embedding"
     elif path[0] == "lm_head":
       key = "lm_head"
@@ -75,8 +80,12 @@ def param_counts(cfg: TextConfig) -> dict[str, Any]:
     groups[key] += var.size
   active_routed = groups["routed_experts"] * cfg.num_experts_per_tok // cfg.num_experts
   active = groups["other"] + active_routed
+  vision = groups["vision_encoder"] + groups["projector"]
   return {
       "total_params": sum(groups.values()),
+      "text_params": sum(groups.values()) - vision,
+      "vision_encoder_params": groups["vision_encoder"],
+      "projector_params": groups["projector"],
       "embedding_params": groups["embedding"],
       "lm_head_params": groups["lm_head"],
       "routed_expert_params": groups["routed_experts"],
@@ -109,7 +118,7 @@ def decode_weight_bytes(cfg: TextConfig, batch: int, bytes_per_param: int) -> fl
   counts = param_counts(cfg)
   moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
   per_expert = counts["routed_expert_params"] / max(1, moe_layers * cfg.num_experts)
-  non_routed = counts["total_params"] - counts["routed_expert_params"] - counts[
+  non_routed = counts["text_params"] - counts["routed_expert_params"] - counts[
       "embedding_params"]
   params = (non_routed + batch * cfg.hidden_size
             + moe_layers * expected_distinct_experts(cfg, batch) * per_expert)

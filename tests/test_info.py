@@ -16,7 +16,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_release_counts():
   counts = summary.param_counts(configs.resolve("small4_119b"))
-  assert counts["total_params"] == 118_972_826_624
+  assert counts["text_params"] == 118_972_826_624
+  assert counts["vision_encoder_params"] == 403_305_472
+  assert counts["projector_params"] == 25_166_848
+  assert counts["total_params"] == 119_401_298_944
   assert counts["routed_expert_params"] == 115_964_116_992
   assert counts["active_params_per_token"] == {
       "without_embeddings": 5_558_846_464,
@@ -32,7 +35,7 @@ def test_roofline_denominators_agree_with_the_parameter_count():
   cfg = configs.resolve("tiny")
   active = summary.param_counts(cfg)["active_params_per_token"]["with_lm_head"]
   norms = sum(v.size for path, v in nnx.to_flat_state(summary.abstract_params(cfg))
-              if any("norm" in str(p) for p in path))
+              if any("norm" in str(p) for p in path) and path[0] != "vision")
   pair = cfg.num_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
   assert summary.prefill_flops(cfg, 1) == 2 * (active - norms) + 2 * pair * cfg.num_layers
   # Causal attention: the T-th token adds T (query, key) pairs per layer and head.
