@@ -305,4 +305,5 @@ def test_directory_with_both_files(tmp_path):
   assert configs.resolve(str(tmp_path)) == configs.resolve("small4_119b")
   note = config_files.read_release_dir(str(tmp_path)).describe()
   assert note == ("config from params.json, cross-checked with config.json; "
-                  "softmax_scale_mode=plain: params.json yarn.apply_scale=false")
+                  "softmax_scale_mode=plain: params.json yarn.apply_scale=false; "
+                  "image_processor=mistral_common")
