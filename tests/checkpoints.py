@@ -1,10 +1,13 @@
 """Writers of small released-format checkpoints, built from an oracle model's weights.
 
-* `write_mistral3_disk`: the HF multimodal repo layout (`language_model.model.*` on disk,
-  a Mistral3 config.json wrapping the mistral4 text config, a stray vision tensor).
+* `write_mistral3_disk`: the HF multimodal repo layout of a Mistral3 model
+  (`language_model.model.*`, `vision_tower.*`, `multi_modal_projector.*` on disk).
 * `write_native_fp8`: params.json + consolidated.safetensors with per-expert w1/w2/w3,
   text linears quantized to e4m3 with per-tensor `qscale_weight` (+ `qscale_act`).
   Returns the dequantized weights under HF names, for the oracle to hold.
+* `write_native_multimodal`: the same for a Mistral3 model, plus its vision tower and
+  projector in bf16 under native names (q/k rows in the native adjacent-pair layout) and
+  params.json's `vision_encoder`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
-from transformers import Mistral3Config
+from transformers import Mistral3Config, Mistral4Config
 
 from smallfour import config_formats
 
@@ -39,12 +42,23 @@ def write_hf(directory: str, config: dict[str, Any], tensors: dict[str, np.ndarr
     json.dump(config, f)
 
 
-def write_mistral3_disk(directory: str, hf_cfg, tensors: dict[str, np.ndarray]) -> None:
-  renamed = {("language_model." + k if k.startswith(("model.", "lm_head.")) else k): v
-             for k, v in tensors.items()}
-  renamed["vision_tower.patch_conv.weight"] = np.zeros((8, 3, 2, 2), ml_dtypes.bfloat16)
-  wrapper = Mistral3Config(text_config=hf_cfg.to_dict(), tie_word_embeddings=False).to_dict()
-  write_hf(directory, wrapper, renamed)
+_MISTRAL3_DISK = [("model.language_model.", "language_model.model."),
+                  ("lm_head.", "language_model.lm_head."),
+                  ("model.vision_tower.", "vision_tower."),
+                  ("model.multi_modal_projector.", "multi_modal_projector.")]
+
+
+def write_mistral3_disk(directory: str, config: Mistral3Config,
+                        tensors: dict[str, np.ndarray]) -> None:
+  """A Mistral3 model's in-memory tensors under the names its hub shards use."""
+  renamed = {}
+  for name, value in tensors.items():
+    for memory, disk in _MISTRAL3_DISK:
+      if name.startswith(memory):
+        name = disk + name[len(memory):]
+        break
+    renamed[name] = value
+  write_hf(directory, config.to_dict(), renamed)
 
 
 def native_params(hf_cfg, apply_scale: bool = False) -> dict[str, Any]:
@@ -124,3 +138,52 @@ def write_native_fp8(directory: str, hf_cfg, tensors: dict[str, np.ndarray],
     with open(os.path.join(directory, "tekken.json"), "w") as f:
       json.dump({"config": {"pattern": "test"}, "vocab": []}, f)
   return dequantized
+
+
+_NATIVE_VISION = [  # HF Mistral3 name -> native name (regex, in order)
+    (r"^model\.vision_tower\.", "vision_encoder."),
+    (r"\.attention\.([qkvo])_proj\.", r".attention.w\1."),
+    (r"\.feed_forward\.gate_proj\.", ".feed_forward.w1."),
+    (r"\.feed_forward\.up_proj\.", ".feed_forward.w3."),
+    (r"\.feed_forward\.down_proj\.", ".feed_forward.w2."),
+    (r"^model\.multi_modal_projector\.norm\.", "pre_mm_projector_norm."),
+    (r"^model\.multi_modal_projector\.patch_merger\.", "patch_merger."),
+    (r"^model\.multi_modal_projector\.linear_1\.", "vision_language_adapter.w_in."),
+    (r"^model\.multi_modal_projector\.linear_2\.", "vision_language_adapter.w_out."),
+]
+
+
+def write_native_multimodal(directory: str, config: Mistral3Config,
+                            tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A Mistral3 model as Mistral ships it natively: its text model by `write_native_fp8`,
+  its vision tower and projector in bf16 in a second shard, q/k rows turned back from
+  rotate-half to adjacent pairs (spec §6.4). Returns what the oracle should hold: the
+  dequantized (text) and bf16-rounded (vision) weights under the model's names."""
+  text_cfg = Mistral4Config(**config.text_config.to_dict())
+  text = {k.replace("model.language_model.", "model.", 1): v for k, v in tensors.items()
+          if k.startswith(("model.language_model.", "lm_head."))}
+  held = {k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k: v
+          for k, v in write_native_fp8(directory, text_cfg, text).items()}
+  vision = config.vision_config
+  heads, head_dim = vision.num_attention_heads, vision.hidden_size // vision.num_attention_heads
+  shard = {}
+  for name, value in tensors.items():
+    if not name.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
+      continue
+    w = np.asarray(value, np.float32).astype(ml_dtypes.bfloat16)
+    held[name] = w.astype(np.float32)
+    if re.search(r"\.attention\.[qk]_proj\.weight$", name):  # rotate-half -> adjacent pairs
+      w = w.reshape(heads, 2, head_dim // 2, -1).transpose(0, 2, 1, 3).reshape(w.shape)
+    native = name
+    for pattern, repl in _NATIVE_VISION:
+      native = re.sub(pattern, repl, native)
+    shard[native] = np.ascontiguousarray(w)
+  save_file(shard, os.path.join(directory, "consolidated-vision.safetensors"))
+  ours = config_formats.from_hf(config.to_dict())
+  ours = ours.replace(softmax_scale_mode="plain", vision=ours.vision.replace(
+      projector_norm_eps=1e-5, image_processor="mistral_common"))
+  params = {**config_formats.to_params(ours),
+            "quantization": {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"}}
+  with open(os.path.join(directory, "params.json"), "w") as f:
+    json.dump(params, f)
+  return held

@@ -66,15 +66,6 @@ def test_save_pretrained_round_trip(reference, tmp_path, caplog):
                              atol=1e-4, rtol=0)
 
 
-def test_mistral3_disk_layout_round_trip(reference, tmp_path):
-  cfg, model, tensors = reference
-  checkpoints.write_mistral3_disk(str(tmp_path / "hf"), cfg, tensors)
-  convert_lib.convert(str(tmp_path / "hf"), str(tmp_path / "out"), dtype="float32",
-                      progress=False)
-  np.testing.assert_allclose(logits_of(str(tmp_path / "out")), oracle.logits(model, TOKENS),
-                             atol=1e-4, rtol=0)
-
-
 def test_native_fp8_round_trip(reference, tmp_path, caplog):
   cfg, _, tensors = reference
   dequantized = checkpoints.write_native_fp8(str(tmp_path / "native"), cfg, tensors)

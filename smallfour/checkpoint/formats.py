@@ -24,7 +24,8 @@ from smallfour.checkpoint.safetensors_source import SafetensorsSource
 
 Kind = Literal["hf", "native"]
 
-# Recognised but not converted: the vision tower and projector (vision support pending).
+# The vision tower and projector's tensors: converted when the config has a vision part,
+# recognised and skipped (a text-only conversion) when it has none.
 _VISION_PREFIXES = {
     "hf": ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
            "model.multi_modal_projector."),
@@ -73,15 +74,16 @@ class SourceCheckpoint:
       check_shapes(group, self.source)
     act_scale = _hf_activation_scale if self.kind == "hf" else _native_activation_scale
     aux = {f(name) for name in needed for f in (self.source.scale_name, act_scale)}
-    vision = _VISION_PREFIXES[self.kind]
-    skipped = {n for n in self.source.location if n.startswith(vision)}
+    vision = _VISION_PREFIXES[self.kind] if self.config.vision is None else ()
+    skipped = {n for n in self.source.location if n.startswith(vision)} if vision else set()
     unexpected = sorted(set(self.source.location) - needed - aux - skipped)
     if unexpected:
       where = self.source.location[unexpected[0]]
       raise CheckpointError(f"unexpected tensor {unexpected[0]} in {where} "
                             f"({len(unexpected)} unexpected in all)")
     if skipped:
-      logging.warning("%d vision tensors are not converted (text model only)", len(skipped))
+      logging.warning("%d vision tensors are not converted: the config describes no vision "
+                      "encoder (text model only)", len(skipped))
 
 
 def detect_kind(directory: str) -> Kind:
@@ -113,6 +115,14 @@ def _hf_prefix(source: SafetensorsSource, directory: str) -> str:
   raise CheckpointError(f"{directory}: missing tensor: no text embedding found (looked for {looked})")
 
 
+def _vision_prefix(source: SafetensorsSource, kind: Kind) -> str:
+  """The `keymap.VISION_PREFIXES` entry the tensors use (HF: in-memory names, else disk)."""
+  if kind == "native":
+    return "vision_encoder"
+  return ("model.vision_tower" if "model.vision_tower.patch_conv.weight" in source.location
+          else "vision_tower")
+
+
 def open_checkpoint(directory: str, kind: Kind | Literal["auto"] = "auto") -> SourceCheckpoint:
   """Reads the config and the safetensors headers of `directory` (nothing else)."""
   if not os.path.isdir(directory):
@@ -125,6 +135,8 @@ def open_checkpoint(directory: str, kind: Kind | Literal["auto"] = "auto") -> So
     maps = list(keymap.hf_maps(cfg, _hf_prefix(source, directory)))
   else:
     maps = list(keymap.native_maps(cfg))
+  if cfg.vision is not None:
+    maps += list(keymap.vision_maps(cfg, _vision_prefix(source, kind)))
   tokenizer = os.path.join(directory, "tekken.json")
   return SourceCheckpoint(kind, directory, cfg, source, maps,
                           tokenizer if os.path.exists(tokenizer) else None, release.describe())
