@@ -132,3 +132,17 @@ def test_greedy_is_the_first_argmax_for_any_key():
     keys = jax.random.split(jax.random.key(seed), len(rows))
     got = sample_rows(rows, keys, SamplingRows.of([Sampling()] * len(rows)))
     np.testing.assert_array_equal(got, np.argmax(np.asarray(rows), -1))
+
+
+def test_greedy_over_a_wide_vocabulary_is_the_first_argmax():
+  """Greedy finds the maximum block by block: ties across blocks, a partial last block."""
+  rows = np.round(np.random.default_rng(1).standard_normal((4, 1300)), 1).astype(np.float32)
+  rows[0, [700, 511, 512, 1299]] = 9.0  # the first is in the second block
+  rows[1, [1299, 1024]] = 9.0
+  rows[2] = 0.0
+  rows[3, -1] = 9.0  # in the padded last block
+  want = np.argmax(rows, -1)
+  np.testing.assert_array_equal(sample(jnp.asarray(rows), jax.random.key(0), Sampling()), want)
+  keys = jax.random.split(jax.random.key(0), len(rows))
+  got = sample_rows(jnp.asarray(rows), keys, SamplingRows.of([Sampling()] * len(rows)))
+  np.testing.assert_array_equal(got, want)

@@ -125,7 +125,8 @@ class Batcher:
                                             jnp.zeros((max_batch, 2), jnp.uint32))))
     self._cache, self._tokens, self._keys = zeros()
     self._slots: list[_Slot | None] = [None] * max_batch
-    self._rows = SamplingRows.of([GREEDY] * max_batch)  # host copies, sent with each step
+    self._rows = SamplingRows.of([GREEDY] * max_batch)  # host copies of the slots' parameters
+    self._placed_rows = None  # (active mask, rows) on the device, until the slots change
     self._waiting: collections.deque[Ticket] = collections.deque()
     self._lock = threading.Condition()
     self._thread: threading.Thread | None = None
@@ -261,12 +262,13 @@ class Batcher:
     live = [i for i, s in enumerate(self._slots) if s is not None]
     if not live:
       return bool(self._waiting)
-    active = np.zeros(self.max_batch, bool)
-    active[live] = True
+    if self._placed_rows is None:  # the slots changed: send their mask and parameters anew
+      active = np.zeros(self.max_batch, bool)
+      active[live] = True
+      self._placed_rows = self._put(active), jax.tree.map(self._put, self._rows)
     window = self.bucket(max(self._slots[i].length for i in live) + 1)
     self._cache, self._tokens, self._keys = self._step(
-        self.state, self._cache, self._tokens, self._keys, self._put(active),
-        jax.tree.map(self._put, self._rows), window=window)
+        self.state, self._cache, self._tokens, self._keys, *self._placed_rows, window=window)
     tokens = np.asarray(self._tokens)
     for i in live:
       slot = self._slots[i]
@@ -294,6 +296,7 @@ class Batcher:
         self._cache, self._tokens, self._keys, one, logits, self._put(np.int32(i)),
         self._put(np.uint32(r.seed)), jax.tree.map(self._put, row))
     self._slots[i] = _Slot(ticket, length=len(r.prompt), generated=0)
+    self._placed_rows = None
     for name in ("temperature", "top_k", "top_p"):
       getattr(self._rows, name)[i] = getattr(row, name)[0]
     self._deliver(i, int(first))
@@ -313,6 +316,7 @@ class Batcher:
 
   def _free(self, i: int) -> None:
     self._slots[i] = None
+    self._placed_rows = None
     for name in ("temperature", "top_k", "top_p"):
       getattr(self._rows, name)[i] = getattr(GREEDY, name)  # idle rows cost no sampling
 

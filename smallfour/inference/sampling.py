@@ -45,7 +45,7 @@ def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
   """
   logits = logits.astype(jnp.float32)
   if s.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return _argmax(logits)
   logits = logits / s.temperature
   if s.top_k:
     kth = jax.lax.top_k(logits, min(s.top_k, logits.shape[-1]))[0][..., -1:]
@@ -87,7 +87,7 @@ def sample_rows(logits: jax.Array, keys: jax.Array, s: SamplingRows) -> jax.Arra
   when some row filters, and a batch of greedy rows pays for no sampling at all.
   """
   logits = logits.astype(jnp.float32)
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  greedy = _argmax(logits)
 
   def drawn(logits):
     z = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
@@ -112,3 +112,17 @@ def _filtered_rows(z: jax.Array, s: SamplingRows) -> jax.Array:
                    keepdims=True)
   cutoff = jnp.where(s.top_p[:, None] < 1, jnp.maximum(cutoff, kth), kth)
   return jnp.where(z < cutoff, -jnp.inf, z)
+
+
+def _argmax(logits: jax.Array, block: int = 512) -> jax.Array:
+  """`jnp.argmax` over [B, V] -> [B] int32 (the first maximum), in two levels: the first
+  block holding the row's maximum, then the first maximum in it. On XLA:CPU an
+  index-carrying reduction over a 131,072-wide row takes ~16 ms for 16 rows; plain block
+  maxima and two short argmaxes take ~1 ms."""
+  b, v = logits.shape
+  block = min(block, v)
+  x = jnp.pad(logits, ((0, 0), (0, -v % block)), constant_values=-jnp.inf)
+  x = x.reshape(b, -1, block)
+  first = jnp.argmax(jnp.max(x, axis=-1), axis=-1)
+  inner = jnp.take_along_axis(x, first[:, None, None], axis=1)[:, 0]
+  return (first * block + jnp.argmax(inner, axis=-1)).astype(jnp.int32)
