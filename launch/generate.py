@@ -6,9 +6,14 @@
   python launch/generate.py --ckpt=/data/small4-bf16 --messages=launch/examples/weather.json
   python launch/generate.py --ckpt=/data/small4-bf16 --prompt_ids=1,1784,3  # raw ids
   python launch/generate.py --config=tiny --prompt="Hi" --dry_run  # the prompt, no weights
+  python launch/generate.py --ckpt=/data/small4-bf16 --prompt="What is this?" --image=cat.png
+  python launch/generate.py --ckpt=/data/small4-bf16 --prompt_ids=1,10,1784 --image=cat.png
 
 The prompt is one user turn (--prompt) or an OpenAI-style request object (--messages:
-messages, tools, reasoning_effort), encoded by mistral-common (smallfour.chat). The answer
+messages, tools, reasoning_effort; images as OpenAI image_url parts with data URLs or
+local paths), encoded by mistral-common (smallfour.chat, smallfour.chat_images); --image
+adds images to --prompt's message, or, with raw --prompt_ids, stands for the [IMG] ids in
+them, one each, in order (each expanded to its image's tokens). The answer
 streams to the terminal: reasoning under its own header, then the answer, then each tool
 call with its arguments. `--output_json` writes prompt_ids, token_ids (prompt excluded),
 reasoning, content, tool_calls and finish_reason. The tokenizer is --tokenizer, else the
@@ -31,12 +36,13 @@ from absl import app, flags
 from flax import nnx
 
 from smallfour import configs
-from smallfour import distributed, sharding
+from smallfour import distributed, images, sharding
 from smallfour.chat import ChatRequestError, ChatTokenizer, Delta, TokenizerFileError
+from smallfour.chat_images import encode_with_images
 from smallfour.chat_output import collect
 from smallfour.checkpoint import restore
 from smallfour.checkpoint.assemble import CheckpointError
-from smallfour.config import ConfigError, TextConfig
+from smallfour.config import IMAGE_PROCESSORS, ConfigError, TextConfig
 from smallfour.inference.engine import Engine, RequestError
 from smallfour.inference.sampling import Sampling
 from smallfour.nn.decoder import Transformer
@@ -61,6 +67,13 @@ _REASONING = flags.DEFINE_enum("reasoning_effort", None, ["none", "high"],
                                "Overrides the request's (default none).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "A tekken.json (overrides the default).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Encode and print the prompt; load no weights.")
+_IMAGE = flags.DEFINE_multi_string(
+    "image", [], "An image file (repeatable): added to --prompt's message, or standing for "
+    "the [IMG] ids of --prompt_ids, one each, in order.")
+_IMAGE_PROCESSOR = flags.DEFINE_enum(
+    "image_processor", None, list(IMAGE_PROCESSORS),
+    "Image preprocessing; default the checkpoint's (mistral_common for params.json sources, "
+    "transformers for config.json-only ones).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None,
                                 "Tokens to generate at most (default per reasoning effort).")
 _TEMPERATURE = flags.DEFINE_float("temperature", None,
@@ -158,8 +171,13 @@ def _request() -> dict | None:
     raise app.UsageError("give exactly one of --prompt, --messages and --prompt_ids")
   if _PROMPT_IDS.value:
     return None
+  if _MESSAGES.value and _IMAGE.value:
+    raise app.UsageError("--image goes with --prompt or --prompt_ids; put a --messages "
+                         "request's images in its messages (image_url parts)")
   if _PROMPT.value is not None:
-    request = {"messages": [{"role": "user", "content": _PROMPT.value}]}
+    parts = [{"type": "image_url", "image_url": {"url": path}} for path in _IMAGE.value]
+    content = [{"type": "text", "text": _PROMPT.value}, *parts] if parts else _PROMPT.value
+    request = {"messages": [{"role": "user", "content": content}]}
   else:
     try:
       with open(_MESSAGES.value, encoding="utf-8") as f:
@@ -218,6 +236,30 @@ class _Terminal:
       self.header = header
 
 
+def _has_images(request: dict | None) -> bool:
+  return bool(_IMAGE.value) or request is not None and any(
+      isinstance(m, dict) and isinstance(m.get("content"), list) and any(
+          isinstance(p, dict) and p.get("type") in ("image_url", "image") for p in m["content"])
+      for m in request.get("messages") or [])
+
+
+def _encode(cfg: TextConfig, request: dict | None,
+            tok: ChatTokenizer | None) -> tuple[list[int], list]:
+  """The prompt ids and its images' pixels; raises ValueError (incl. ChatRequestError)."""
+  if not _has_images(request):
+    ids = [int(t) for t in _PROMPT_IDS.value] if request is None else tok.encode(request)
+    return ids, []
+  if cfg.vision is None:
+    _fail("images given, but the model has no vision encoder")
+  if request is not None:
+    return encode_with_images(tok, request, cfg.vision, _IMAGE_PROCESSOR.value)
+  encoded = [images.encode(images.load(path, path), cfg.vision, _IMAGE_PROCESSOR.value, path)
+             for path in _IMAGE.value]
+  ids = images.expand_placeholders([int(t) for t in _PROMPT_IDS.value],
+                                   [tokens for tokens, _ in encoded], cfg.vision)
+  return ids, [pixels for _, pixels in encoded]
+
+
 def _dry_run(prompt: list[int], tok: ChatTokenizer | None, sampling: str) -> None:
   print(f"{sampling}\nprompt: {len(prompt)} tokens\n{','.join(map(str, prompt))}")
   if tok is not None and all(0 <= t < tok.vocab_size for t in prompt):
@@ -236,7 +278,7 @@ def main(argv):
   tok = _tokenizer(cfg, required=True) if request is not None else (
       _tokenizer(cfg, required=False) if _DRY_RUN.value else None)
   try:
-    prompt = [int(t) for t in _PROMPT_IDS.value] if request is None else tok.encode(request)
+    prompt, pixels = _encode(cfg, request, tok)
   except (ValueError, ChatRequestError) as e:
     _fail(f"bad prompt: {e}")
   sampling, max_new = _sampling((request or {}).get("reasoning_effort") or "none")
@@ -254,7 +296,8 @@ def main(argv):
   start = time.perf_counter()
   generated, deltas, shown = [], [], 0
   try:
-    for step in engine.stream([prompt], max_new, sampling, seed=_SEED.value):
+    for step in engine.stream([prompt], max_new, sampling, seed=_SEED.value,
+                              images=[pixels]):
       if step[0] is None:
         break
       generated.append(step[0])
