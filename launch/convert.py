@@ -16,7 +16,7 @@ from absl import app, flags, logging
 
 from smallfour.checkpoint import convert as convert_lib
 from smallfour.checkpoint.assemble import CheckpointError
-from smallfour.config import SOFTMAX_SCALE_MODES, ConfigError
+from smallfour.config import IMAGE_PROCESSORS, SOFTMAX_SCALE_MODES, ConfigError
 
 _SRC = flags.DEFINE_string("src", None, "Released checkpoint directory (HF or native).",
                            required=True)
@@ -29,6 +29,10 @@ _SOFTMAX_SCALE = flags.DEFINE_enum(
     "softmax_scale", None, SOFTMAX_SCALE_MODES,
     "Override the softmax-scale mode the source implies: params.json's yarn.apply_scale "
     "when the directory has one (plain unless true), else config.json -> hf_mscale_fold.")
+_IMAGE_PROCESSOR = flags.DEFINE_enum(
+    "image_processor", None, IMAGE_PROCESSORS,
+    "Override the image preprocessing the source implies: mistral_common when the "
+    "directory has params.json, else transformers (see smallfour/images.py).")
 _FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "hf", "native"],
                             "Source tensors; auto prefers HF when a directory holds both.")
 
@@ -37,7 +41,8 @@ def main(argv):
   del argv
   try:
     stats = convert_lib.convert(_SRC.value, _DST.value, dtype=_DTYPE.value,
-                                softmax_scale=_SOFTMAX_SCALE.value, kind=_FORMAT.value)
+                                softmax_scale=_SOFTMAX_SCALE.value, kind=_FORMAT.value,
+                                image_processor=_IMAGE_PROCESSOR.value)
   except (CheckpointError, ConfigError) as e:
     logging.error("conversion failed: %s", e)
     raise SystemExit(f"error: {e}") from None

@@ -56,6 +56,16 @@ def test_hf_disk_layout_round_trip(reference, tmp_path, caplog):
   meta = restore_lib.read_metadata(str(tmp_path / "out"))
   assert meta["text"]["vision"]["image_processor"] == "transformers"
   check_logits(str(tmp_path / "out"), model)
+  # The flag overrides what the format implies; a text-only source has nothing to override.
+  with caplog.at_level(logging.INFO):
+    convert_lib.convert(str(tmp_path / "hf"), str(tmp_path / "mc"), dtype="float32",
+                        image_processor="mistral_common", progress=False)
+  assert "--image_processor=mistral_common overrides it" in caplog.text
+  meta = restore_lib.read_metadata(str(tmp_path / "mc"))
+  assert meta["text"]["vision"]["image_processor"] == "mistral_common"
+  with pytest.raises(convert_lib.CheckpointError, match="--image_processor='pillow'"):
+    convert_lib.convert(str(tmp_path / "hf"), str(tmp_path / "bad"), image_processor="pillow",
+                        progress=False)
 
 
 def test_save_pretrained_round_trip(reference, tmp_path):

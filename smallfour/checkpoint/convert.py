@@ -106,7 +106,7 @@ def _by_path(group: list[TensorMap]) -> dict[Path, list[TensorMap]]:
 
 def convert(src: str, dst: str, *, dtype: str = "bfloat16",
             softmax_scale: str | None = None, kind: Literal["auto", "hf", "native"] = "auto",
-            progress: bool = True) -> dict[str, Any]:
+            image_processor: str | None = None, progress: bool = True) -> dict[str, Any]:
   """Converts `src` into a new checkpoint at `dst`; returns byte and time statistics.
 
   Args:
@@ -117,6 +117,8 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
       params.json's yarn.apply_scale when it is there, else config.json's transformers
       semantics (`config_files.read_release_dir`).
     kind: the source tensors; "auto" detects them from the directory's files.
+    image_processor: overrides the image preprocessing the source implies
+      ("mistral_common" when params.json is there, else "transformers"; smallfour.images).
   """
   if dtype not in DTYPES:
     raise CheckpointError(f"--dtype={dtype!r}; expected one of {DTYPES}")
@@ -131,6 +133,12 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
                             f"{config_lib.SOFTMAX_SCALE_MODES}")
     cfg = cfg.replace(softmax_scale_mode=softmax_scale)
   override = "" if softmax_scale is None else f"; --softmax_scale={softmax_scale} overrides it"
+  if image_processor is not None:
+    if cfg.vision is None or image_processor not in config_lib.IMAGE_PROCESSORS:
+      raise CheckpointError(f"--image_processor={image_processor!r}: expected one of "
+                            f"{config_lib.IMAGE_PROCESSORS} for a model with a vision encoder")
+    cfg = cfg.replace(vision=cfg.vision.replace(image_processor=image_processor))
+    override += f"; --image_processor={image_processor} overrides it"
   logging.info("%s: %s tensors, %s%s", src, ckpt.kind, ckpt.config_note, override)
   ckpt.validate()
 
