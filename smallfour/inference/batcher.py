@@ -209,6 +209,7 @@ class Batcher:
   def start(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
     """Runs the engine in a daemon thread until `stop()`. If a step raises, every request
     gets an "error" event, later submits raise EngineFailed and `on_failure` is called."""
+    self._stopping = False
     self._thread = threading.Thread(target=self._run, args=(on_failure,),
                                     name="smallfour-batcher", daemon=True)
     self._thread.start()
