@@ -40,11 +40,12 @@ class ImageBatch(NamedTuple):
 def grid(pixels: np.ndarray, cfg: VisionConfig) -> tuple[int, int]:
   """The (rows, cols) of image tokens of a preprocessed image [C, H, W]; raises
   ValueError unless H and W are positive multiples of patch × merge."""
-  c, h, w = np.shape(pixels)
+  shape = np.shape(pixels)
+  c, h, w = shape if len(shape) == 3 else (0, 0, 0)
   step = cfg.merged_patch
   if c != cfg.num_channels or h <= 0 or w <= 0 or h % step or w % step:
     raise ValueError(f"a preprocessed image is [{cfg.num_channels}, H, W] with H and W "
-                     f"positive multiples of {step}; got {list(np.shape(pixels))}")
+                     f"positive multiples of {step}; got {list(shape)}")
   return h // step, w // step
 
 
