@@ -197,7 +197,8 @@ def _check_content(content: Any, where: str) -> None:
   for j, chunk in enumerate(content):
     kind = chunk.get("type") if isinstance(chunk, dict) else None
     if kind in ("image_url", "image"):
-      raise ChatRequestError(f"{where}[{j}]: images are not supported (the model is text-only)")
+      raise ChatRequestError(f"{where}[{j}]: an image: encode requests with images with "
+                             "smallfour.chat_images.encode_with_images")
     if kind != "text" or not isinstance(chunk.get("text"), str):
       raise ChatRequestError(f'{where}[{j}]: expected {{"type": "text", "text": str}}')
 

@@ -193,7 +193,7 @@ def _messages(*extra):
      r"messages\[0\]\.role: a conversation starts with a system or user message"),
     ({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "file:///x.png"}}]}]},
-     r"messages\[0\]\.content\[0\]: images are not supported"),
+     r"messages\[0\]\.content\[0\]: an image: encode requests with images with"),
     ({"messages": _messages(), "tools": [{"type": "function", "function": {"name": "a b"}}]},
      r"mistral-common rejected the request: Function name was a b"),
     ({"messages": []}, r"messages: expected a non-empty list"),
