@@ -135,10 +135,10 @@ class Engine:
     """Preprocessed images -> their image rows [M, D] (M padded), None for no images."""
     if not images:
       return None
-    patches = sum(np.prod(multimodal.grid(i, self.cfg.vision)) for i in images)
-    patches *= self.cfg.vision.spatial_merge_size**2
-    batch = multimodal.pack(images, self.cfg.vision,
-                            pad_to=max(MIN_PATCH_BUCKET, 1 << (int(patches) - 1).bit_length()))
+    per_token = self.cfg.vision.spatial_merge_size**2
+    tokens = sum(int(np.prod(multimodal.grid(i, self.cfg.vision))) for i in images)
+    bucket = max(MIN_PATCH_BUCKET, 1 << (tokens * per_token - 1).bit_length())
+    batch = multimodal.pack(images, self.cfg.vision, pad_to=-(-bucket // per_token) * per_token)
     return self._encode(self.state, jax.tree.map(self._put, batch))
 
   def start(self, prompts: Sequence[Sequence[int]],
