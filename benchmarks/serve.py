@@ -10,7 +10,7 @@ client, streaming) each send --rounds requests one after another: fixed chat pro
   * aggregate tokens/s: completion tokens (the usage chunks) / wall time of the level;
   * time to first token (TTFT): from sending the request to the first chunk that carries
     text; inter-token latency (ITL): the gaps between such chunks (p50 / p90 / p99);
-  * offline: the same requests, c at a time, through `Batcher.generate`-style submission
+  * offline: the same requests, c at a time, submitted to the Batcher and stepped
     in this thread (no HTTP, no event loop), timed from each request's events.
 Everything is compiled first (every request once, offline); each level
 runs offline and online in turn, --repeats times, and keeps each side's fastest run. The
@@ -29,7 +29,7 @@ import openai
 from absl import app, flags
 
 from smallfour import loading
-from smallfour.inference.batcher import Batcher, Event, Request
+from smallfour.inference.batcher import Batcher, Request
 from smallfour.serve import protocol
 from smallfour.serve.server import Server
 

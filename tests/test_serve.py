@@ -6,7 +6,10 @@ call has a timeout and no retries, and every wait polls against a deadline.
 
 import concurrent.futures
 import json
+import pathlib
 import socket
+import subprocess
+import sys
 import time
 import types
 import urllib.error
@@ -297,3 +300,13 @@ def test_an_engine_failure_takes_the_server_down(tok, monkeypatch):
     _until(lambda: not server.alive, 30)
   finally:
     server.stop()
+
+
+def test_the_launcher_refuses_a_bad_checkpoint_in_one_line(tmp_path):
+  launcher = pathlib.Path(__file__).resolve().parents[1] / "launch" / "serve.py"
+  run = subprocess.run([sys.executable, str(launcher), f"--ckpt={tmp_path}", "--port=0"],
+                       capture_output=True, text=True, timeout=TIMEOUT)
+  assert run.returncode != 0
+  assert run.stderr.strip().splitlines()[-1] == (
+      f"error: {tmp_path} is not a converted smallfour checkpoint (no "
+      f"{tmp_path}/smallfour_config.json)")
