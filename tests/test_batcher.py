@@ -5,7 +5,7 @@ import threading
 import pytest
 from flax import nnx
 
-from smallfour import configs
+from smallfour import configs, sharding
 from smallfour.inference.batcher import Batcher, EngineFailed, Event, QueueFull, Request
 from smallfour.inference.engine import Engine, RequestError
 from smallfour.inference.sampling import Sampling
@@ -151,3 +151,13 @@ def test_an_engine_failure_reaches_every_client(model, monkeypatch):
   with pytest.raises(EngineFailed):
     b.submit(Request(PROMPTS[1], 5), sink)
   b.stop(timeout=60)
+
+
+@pytest.mark.slow
+def test_a_mesh_gives_the_same_answers(model, batcher):
+  """Experts split over 2 devices (expert-parallel MoE), the cache placed by the rule table."""
+  requests = [Request(PROMPTS[1], 6), Request(PROMPTS[3], 6)]  # one bucket, one window
+  mesh = sharding.make_mesh({"data": 1, "expert": 2, "tensor": 1}, model.cfg)
+  placed = sharding.init_sharded(lambda: Transformer(model.cfg, rngs=nnx.Rngs(3)), mesh)
+  on_mesh = Batcher(placed, max_batch=3, max_len=MAX_LEN, prefill_chunk=16, mesh=mesh)
+  assert on_mesh.generate(requests) == batcher.generate(requests)
