@@ -9,7 +9,6 @@ launchers from another directory against it.
 import os
 import pathlib
 import shutil
-import site
 import subprocess
 import sys
 import venv
@@ -38,8 +37,11 @@ def wheel(tmp_path_factory) -> pathlib.Path:
     shutil.copy(ROOT / name, src)
   for folder in SOURCES:
     shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
-  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                  "-q", "-w", str(out), str(src)], check=True, capture_output=True)
+  # Build isolation: the build backend comes from pyproject.toml's build-system, not from
+  # whatever setuptools this environment happens to hold.
+  built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                          str(out), str(src)], capture_output=True, text=True)
+  assert built.returncode == 0, built.stderr[-3000:]
   (path,) = out.glob("smallfour-*.whl")
   return path
 
@@ -61,7 +63,8 @@ def test_installed_wheel_runs_outside_the_repository(wheel, tmp_path):
   # The dependencies come from this interpreter's site-packages as plain path entries:
   # that dir's .pth files (among them the editable install's import hook) are not run,
   # so `smallfour` can only come from the wheel.
-  pathlib.Path(purelib.strip(), "deps.pth").write_text("\n".join(site.getsitepackages()))
+  pathlib.Path(purelib.strip(), "deps.pth").write_text(
+      "\n".join(p for p in sys.path if p.endswith("-packages")))
   subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q",
                   "--target", purelib.strip(), str(wheel)], check=True, capture_output=True)
   work = tmp_path / "elsewhere"
