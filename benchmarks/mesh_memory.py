@@ -28,7 +28,8 @@ from flax import nnx  # noqa: E402
 
 from smallfour import configs  # noqa: E402
 from smallfour import sharding, summary  # noqa: E402
-from smallfour.inference.engine import CACHE_AXES, Engine  # noqa: E402
+from smallfour.inference.cache import LATENT_AXES  # noqa: E402
+from smallfour.inference.engine import Engine  # noqa: E402
 from smallfour.nn.decoder import Transformer  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences decoded together.")
@@ -57,7 +58,7 @@ def param_bytes_per_device(cfg, mesh, dtype=jnp.bfloat16) -> int:
 
 def cache_bytes_per_device(cfg, mesh, batch, context, dtype=jnp.bfloat16) -> int:
   shape = (cfg.num_layers, batch, context, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-  spec = sharding.logical_sharding(CACHE_AXES, shape, mesh)
+  spec = sharding.logical_sharding(LATENT_AXES, shape, mesh)
   return int(np.prod(spec.shard_shape(shape))) * jnp.dtype(dtype).itemsize
 
 

@@ -21,17 +21,23 @@ def tiny():
   return configs.resolve("tiny")
 
 
+def vision_params(cfg) -> int:
+  """Parameters of the vision encoder, if the model has one (held, never a text step's)."""
+  return sum(v.size for path, v in summary.abstract_flat(cfg).items() if path[0] == "vision")
+
+
 def expected_counts(cfg, experts_axis, batch, max_len, weight_bytes=2):
   """Per-device weights, decode cache and decode unavoidable bytes with every device on
   the expert axis, from the parameter counts alone (bf16)."""
   counts = summary.param_counts(cfg)
   routed = counts["routed_expert_params"]
-  weights = weight_bytes * (counts["total_params"] - routed + routed // experts_axis)
+  text = counts["total_params"] - vision_params(cfg)
+  weights = weight_bytes * (text - routed + routed // experts_axis)
   width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
   cache = 2 * cfg.num_layers * batch * (max_len + 1) * width // experts_axis  # + the sink
   local = cfg.num_experts // experts_axis
   used = local * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** batch)
-  unavoidable = (weight_bytes * (counts["total_params"] - routed - counts["embedding_params"])
+  unavoidable = (weight_bytes * (text - routed - counts["embedding_params"])
                  + 2 * batch * cfg.hidden_size + used / local * weight_bytes * routed
                  // experts_axis + cache)
   return weights, cache, unavoidable
@@ -59,8 +65,9 @@ def test_tpu_plan_compiles_and_agrees_with_shapes(tmp_path):
     assert step["bytes_accessed"] > 0 and step["flops"] > 0
   assert plan["fits"] is True
   peak = max(compiled.peak_bytes(s["compiled"]) for s in (decode, prefill))
+  assert plan["vision_weights_bytes"] == 2 * vision_params(cfg)
   assert plan["headroom_bytes"] == pytest.approx(hardware.TPU_CHIPS["TPU v5 lite"].hbm_bytes
-                                                 - peak)
+                                                 - peak - plan["vision_weights_bytes"])
   assert decode["ceiling_tokens_per_s"] == pytest.approx(batch * 0.819e12 / unavoidable)
   json.dumps(plan)  # all of it is JSON
   # Where the decode step's bytes go, by source line: the LM head reads its whole
@@ -102,11 +109,13 @@ def test_gpu_plan_is_arithmetic():
   # FP8-resident: one byte per code, four per scale, the rest bf16.
   flat = summary.abstract_flat(cfg, fp8=True)
   per_device = sum(v.size * v.dtype.itemsize // (2 if "experts" in p and p[-3] == "experts"
-                                                   else 1) for p, v in flat.items())
+                                                   else 1)
+                   for p, v in flat.items() if p[0] != "vision")
   assert plan["decode"]["counted"]["weights_bytes"] == per_device
   assert plan["fits"] is True
   huge = plan_lib.make_plan(cfg, "h100", batch=1, max_len=2**30)
-  need = huge["decode"]["counted"]["weights_bytes"] + huge["decode"]["counted"]["cache_bytes"]
+  need = (huge["decode"]["counted"]["weights_bytes"] + huge["decode"]["counted"]["cache_bytes"]
+          + huge["vision_weights_bytes"])
   assert huge["fits"] is False
   assert huge["missing_bytes"] == need - hardware.GPU_CHIPS["h100"].hbm_bytes
 

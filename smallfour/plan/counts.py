@@ -46,21 +46,22 @@ class WeightBytes:
 
   embedding: int  # the table: only B rows are read per step
   routed: int  # routed experts (all local ones)
+  vision: int  # the vision encoder: images are encoded before prefill, by their own step
   other: int  # everything else (attention, norms, router, shared/dense MLPs, LM head)
 
   @property
   def total(self) -> int:
-    return self.embedding + self.routed + self.other
+    return self.embedding + self.routed + self.vision + self.other
 
 
 def weight_bytes(state: nnx.State, sizes: dict[str, int]) -> WeightBytes:
   """Bytes of `state` (abstract parameters) one device holds under the rule table."""
   specs = dict(nnx.to_flat_state(sharding.partition_specs(state)))
-  groups = {"embedding": 0, "routed": 0, "other": 0}
+  groups = {"embedding": 0, "routed": 0, "vision": 0, "other": 0}
   for path, var in nnx.to_flat_state(state):
     nbytes = _shard_size(var.shape, specs[path].get_value(), sizes) * np.dtype(
         var.dtype).itemsize
-    role = ("embedding" if path[0] == "embedder" else
+    role = ("embedding" if path[0] == "embedder" else "vision" if path[0] == "vision" else
             "routed" if "experts" in path else "other")
     groups[role] += nbytes
   return WeightBytes(**groups)
@@ -93,8 +94,8 @@ def unavoidable_bytes(cfg: TextConfig, weights: WeightBytes, sizes: dict[str, in
                       tokens: int, cache: int, itemsize: int) -> float:
   """What one device must move for a step over `tokens` tokens in all.
 
-  Every weight it holds except the embedding table and unused experts, one embedding
-  row per token, the routed experts its share of the tokens use, and `cache` bytes of
+  Every weight it holds except the embedding table, the vision encoder and unused
+  experts, one embedding row per token, the routed experts its share of the tokens use, and `cache` bytes of
   cache (read by decode over its window, written by prefill).
   """
   used = local_experts_used(cfg, sizes, tokens) / (cfg.num_experts // sizes["expert"])
@@ -116,17 +117,22 @@ def prefill_flops_per_device(cfg: TextConfig, sizes: dict[str, int], tokens: int
 
 def counted(cfg: TextConfig, state: nnx.State, sizes: dict[str, int], *, batch: int,
             max_len: int, prefill_len: int, itemsize: int) -> dict[str, Any]:
-  """The from-shapes figures of a decode step (B = batch, T = max_len) and a prefill."""
+  """The from-shapes figures of a decode step (B = batch, T = max_len) and a prefill.
+
+  A step's `weights_bytes` are the weights it takes: all but the vision encoder's, which
+  are held beside them (`vision_bytes`) for the step that encodes images.
+  """
   weights = weight_bytes(state, sizes)
+  text = weights.total - weights.vision
   decode_cache = cache_bytes(cfg, sizes, batch, max_len, itemsize)
   prefill_cache = cache_bytes(cfg, sizes, 1, max_len, itemsize)
   written = cache_bytes(cfg, sizes, 1, prefill_len, itemsize, held=False)
   return {
-      "weights": weights,
-      "decode": {"weights_bytes": weights.total, "cache_bytes": decode_cache,
+      "vision_bytes": weights.vision,
+      "decode": {"weights_bytes": text, "cache_bytes": decode_cache,
                  "unavoidable_bytes": unavoidable_bytes(cfg, weights, sizes, batch,
                                                         decode_cache, itemsize)},
-      "prefill": {"weights_bytes": weights.total, "cache_bytes": prefill_cache,
+      "prefill": {"weights_bytes": text, "cache_bytes": prefill_cache,
                   "unavoidable_bytes": unavoidable_bytes(cfg, weights, sizes, prefill_len,
                                                          written, itemsize),
                   "flops": prefill_flops_per_device(cfg, sizes, prefill_len)},

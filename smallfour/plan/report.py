@@ -86,23 +86,31 @@ def make_plan(cfg: TextConfig, target_name: str, *, mesh: dict[str, int] | None 
             f.write(analysis["hlo"])
           with open(os.path.join(hlo_dir, f"{step}_bytes_by_line.json"), "w") as f:
             json.dump(hlo.top_ops(analysis["hlo"], 40), f, indent=1)
+  return assemble(target, sizes, count, analyses, weights_dtype=weights_dtype, batch=batch,
+                  max_len=max_len, prefill_len=prefill_len)
+
+
+def assemble(target: hardware.Target, sizes: dict[str, int], count: dict[str, Any],
+             analyses: dict[str, Any], **request: Any) -> dict[str, Any]:
+  """The plan from the counts (`counts.counted`) and the compiler's analyses (None for
+  a GPU): per-step figures, ceilings and the fit. `request`: weights_dtype, batch,
+  max_len, prefill_len."""
+  batch, prefill_len = request["batch"], request["prefill_len"]
   decode_seconds = count["decode"]["unavoidable_bytes"] / target.bandwidth
   prefill_seconds = max(count["prefill"]["unavoidable_bytes"] / target.bandwidth,
                         count["prefill"]["flops"] / target.flops)
   report: dict[str, Any] = {
-      "target": target_name,
+      "target": target.name,
       "chip": target.chip.name,
       "devices": target.count,
       "mesh": sizes,
-      "weights_dtype": weights_dtype,
-      "batch": batch,
-      "max_len": max_len,
-      "prefill_len": prefill_len,
+      **request,
       "source": ("compiled by XLA:TPU (libtpu) for abstract devices; counts from shapes"
                  if target.compiled else
                  "arithmetic from shapes (no GPU compiler here): weights and cache only, "
                  "no activations or runtime reserve"),
       "hbm_bytes_per_device": target.chip.hbm_bytes,
+      "vision_weights_bytes": count["vision_bytes"],
       "decode": _step(analyses["decode"], count["decode"], batch, decode_seconds),
       "prefill": _step(analyses["prefill"], count["prefill"], prefill_len, prefill_seconds),
   }
@@ -112,17 +120,19 @@ def make_plan(cfg: TextConfig, target_name: str, *, mesh: dict[str, int] | None 
 
 def _fit(report: dict[str, Any], target: hardware.Target) -> dict[str, Any]:
   """`fits`, and `headroom_bytes` (free at the peak of the larger step) or
-  `missing_bytes`; the compiler decides for TPUs, weights + cache for GPUs."""
-  hbm = target.chip.hbm_bytes
+  `missing_bytes`; the compiler decides for TPUs, weights + cache for GPUs. The vision
+  encoder's weights, held beside every step, count on top."""
+  hbm, held = target.chip.hbm_bytes, report["vision_weights_bytes"]
   steps = [report["decode"], report["prefill"]]
   if not target.compiled:
     need = max(s["counted"]["weights_bytes"] + s["counted"]["cache_bytes"] for s in steps)
   elif any(s["compiled"] is None for s in steps):
     missing = max(s["out_of_memory"]["needed_bytes"] - s["out_of_memory"]["available_bytes"]
                   for s in steps if s["compiled"] is None)
-    return {"fits": False, "missing_bytes": missing}
+    return {"fits": False, "missing_bytes": missing + held}
   else:
     need = max(compiled_lib.peak_bytes(s["compiled"]) for s in steps)
+  need += held
   if need > hbm:
     return {"fits": False, "missing_bytes": need - hbm}
   return {"fits": True, "headroom_bytes": hbm - need}

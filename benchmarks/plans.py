@@ -1,0 +1,85 @@
+"""The README's table of serving plans for the 119B release (`launch/info.py --plan`).
+
+  python benchmarks/plans.py --out=/tmp/plans          # compile every TPU row (~30-60 min)
+  python benchmarks/plans.py --out=/tmp/plans --table  # print the table from those files
+
+TPU rows are compiled by XLA:TPU for abstract devices (libtpu, no TPU needed); GPU rows
+are arithmetic from shapes (no GPU compiler here). Each row's JSON is written to
+`--out/<name>.json` as soon as it is done, and rows already there are not rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+from smallfour import configs
+from smallfour.plan import report as plan_lib
+
+_OUT = flags.DEFINE_string("out", "/tmp/plans", "Directory of the rows' JSON files.")
+_TABLE = flags.DEFINE_bool("table", False, "Only print the table from --out.")
+
+K = 1024
+# Prefill is compiled for a prompt of at most PREFILL_LEN tokens: one 256K-token prefill of
+# the 119B did not finish compiling in 20 minutes here (a longer context grows by decode).
+PREFILL_LEN = 32 * K
+# name, target, mesh (None: every device on expert), weights, batch, max_len
+ROWS = [
+    ("v6e-8 fp8", "v6e:2x4", None, "fp8", 8, 32 * K),
+    ("v6e-8 bf16", "v6e:2x4", None, "bfloat16", 8, 32 * K),
+    ("v5p-8 bf16 B=32", "v5p:2x2x1", None, "bfloat16", 32, 32 * K),
+    ("v5e-16 fp8", "v5e:4x4", None, "fp8", 8, 32 * K),
+    ("tpu7x-8 fp8 256K", "tpu7x:2x2x1", None, "fp8", 8, 256 * K),
+    ("1x H200 fp8 256K", "h200", {"data": 1, "expert": 1, "tensor": 1}, "fp8", 1, 256 * K),
+    ("2x H200 bf16", "h200", {"data": 1, "expert": 2, "tensor": 1}, "bfloat16", 8, 32 * K),
+    ("4x H100 bf16", "h100", {"data": 1, "expert": 4, "tensor": 1}, "bfloat16", 8, 32 * K),
+    ("8x H100 bf16", "h100", {"data": 1, "expert": 8, "tensor": 1}, "bfloat16", 8, 32 * K),
+]
+
+
+def _gb(x: float | None) -> str:
+  return "—" if x is None else f"{x / 1e9:.1f}"
+
+
+def row(name: str, plan: dict) -> str:
+  """One markdown row: fits, headroom, compiled vs counted, accessed ÷ unavoidable, ceiling."""
+  decode = plan["decode"]
+  counted = decode["counted"]["weights_bytes"] + decode["counted"]["cache_bytes"]
+  room = (f"{_gb(plan['headroom_bytes'])} free" if plan["fits"]
+          else f"{_gb(plan['missing_bytes'])} short")
+  step = decode["compiled"]
+  compiled = "—" if step is None else _gb(step["argument_bytes"])
+  ratio = decode.get("bytes_accessed_ratio")
+  source = "XLA:TPU" if "compiled" in plan["source"] else "arithmetic"
+  return (f"| {name} | `{plan['target']}` {plan['devices']} dev, B={plan['batch']}, "
+          f"T={plan['max_len'] // K}K | {'yes' if plan['fits'] else '**no**'} | {room} | "
+          f"{compiled} / {_gb(counted)} | {'—' if ratio is None else f'{ratio:.2f}'} | "
+          f"{decode['ceiling_tokens_per_s']:,.0f} | {source} |")
+
+
+def main(argv):
+  del argv
+  os.makedirs(_OUT.value, exist_ok=True)
+  cfg = configs.resolve("small4_119b")
+  lines = ["| plan | target | fits | headroom (GB/device) | decode args compiled / counted "
+           "(GB) | bytes accessed ÷ unavoidable | ceiling tok/s | figures from |",
+           "|---|---|---|---|---|---|---|---|"]
+  for name, target, mesh, weights, batch, max_len in ROWS:
+    path = os.path.join(_OUT.value, name.replace(" ", "_").replace("=", "") + ".json")
+    if not os.path.exists(path):
+      if _TABLE.value:
+        continue
+      plan = plan_lib.make_plan(cfg, target, mesh=mesh, weights_dtype=weights, batch=batch,
+                                max_len=max_len, prefill_len=min(max_len, PREFILL_LEN))
+      with open(path, "w") as f:
+        json.dump(plan, f, indent=1)
+      print(f"{name}: done", flush=True)
+    with open(path) as f:
+      lines.append(row(name, json.load(f)))
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  app.run(main)
