@@ -14,6 +14,7 @@ import json
 
 from absl import app, flags, logging
 
+from smallfour import logs
 from smallfour.checkpoint import convert as convert_lib
 from smallfour.checkpoint.assemble import CheckpointError
 from smallfour.config import IMAGE_PROCESSORS, SOFTMAX_SCALE_MODES, ConfigError
@@ -39,6 +40,7 @@ _FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "hf", "native"],
 
 def main(argv):
   del argv
+  logs.library_logs_at_warning()
   try:
     stats = convert_lib.convert(_SRC.value, _DST.value, dtype=_DTYPE.value,
                                 softmax_scale=_SOFTMAX_SCALE.value, kind=_FORMAT.value,

@@ -24,7 +24,6 @@ on its share of the mesh and only process 0 prints and writes.
 """
 
 import json
-import logging
 import os
 import sys
 import time
@@ -36,7 +35,7 @@ from absl import app, flags
 from flax import nnx
 
 from smallfour import configs
-from smallfour import distributed, images, sharding
+from smallfour import distributed, images, logs, sharding
 from smallfour.chat import ChatRequestError, ChatTokenizer, Delta, TokenizerFileError
 from smallfour.chat_images import encode_with_images
 from smallfour.chat_output import collect
@@ -271,7 +270,7 @@ def _dry_run(prompt: list[int], tok: ChatTokenizer | None, sampling: str) -> Non
 
 def main(argv):
   del argv
-  logging.getLogger("mistral_common").setLevel(logging.WARNING)  # its INFO lines are noise
+  logs.library_logs_at_warning()
   request = _request()
   cfg = _config()
   # Raw ids need no tokenizer; a dry run shows them as text when there is one.

@@ -24,7 +24,7 @@ import os
 
 from absl import app, flags
 
-from smallfour import loading
+from smallfour import loading, logs
 from smallfour.inference.batcher import Batcher, EngineFailed
 from smallfour.serve.server import Server
 
@@ -52,7 +52,7 @@ _WARMUP = flags.DEFINE_bool("warmup", True,
 
 def main(argv):
   del argv
-  logging.getLogger("mistral_common").setLevel(logging.WARNING)  # its INFO lines are noise
+  logs.library_logs_at_warning()
   for flag in (_MAX_BATCH, _MAX_LEN, _MAX_QUEUE, _PREFILL_CHUNK):
     if flag.value < (0 if flag is _MAX_QUEUE else 1):
       raise app.UsageError(f"--{flag.name} must be positive, got {flag.value}")
@@ -67,7 +67,8 @@ def main(argv):
                     max_queue=_MAX_QUEUE.value, prefill_chunk=_PREFILL_CHUNK.value,
                     eos_id=tok.eos_id, mesh=mesh)
   if _WARMUP.value:
-    logging.info("compiled the prompt buckets and windows %s", batcher.warmup())
+    logging.getLogger("smallfour.serve").info("compiled the prompt buckets and windows %s",
+                                              batcher.warmup())
   name = _MODEL_NAME.value or os.path.basename(os.path.normpath(_CKPT.value or _CONFIG.value))
   try:
     Server(batcher, tok, name, host=_HOST.value, port=_PORT.value).run()

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import shlex
 import subprocess
 import sys
@@ -39,13 +40,18 @@ def converted(tmp_path_factory):
 
 @pytest.mark.parametrize("mesh", ["data:1,expert:1,tensor:1", "data:1,expert:4,tensor:2"])
 def test_converted_float32_checkpoint_reproduces_transformers(tmp_path, converted, mesh):
-  """Restored onto one device, or straight into its shards on a mesh (8 CPU devices)."""
+  """Restored onto one device, or straight into its shards on a mesh (8 CPU devices).
+
+  Library INFO logs (orbax's dozen lines per restore) show only with --verbosity."""
   ckpt, hf = converted
   prompt = [5, 9, 200, 17, 3, 88]
+  verbose = mesh != "data:1,expert:1,tensor:1"
   out = _generate(f"--ckpt={ckpt}", "--prompt_ids=" + ",".join(map(str, prompt)),
                   "--max_new_tokens=30", f"--output_json={tmp_path / 'out.json'}",
-                  f"--mesh={mesh}")
+                  f"--mesh={mesh}", *(["--verbosity=0"] if verbose else []))
   assert out.returncode == 0, out.stderr
+  info_lines = re.findall(r"^I\d{4} .*$", out.stderr, re.M)
+  assert bool(info_lines) == verbose, info_lines
   got = json.loads((tmp_path / "out.json").read_text())["token_ids"]
   with torch.no_grad():
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False,

@@ -32,6 +32,8 @@ from smallfour.checkpoint.layout import (DTYPES, FORMAT_VERSION, PARAMS_DIR, STA
                                          STORED_DTYPES, TOKENIZER_FILE, CheckpointError)
 from smallfour.checkpoint.orbax_writer import TreeWriter, fsync
 
+log = logging.getLogger(__name__)
+
 
 # Bytes being written may reach this fraction of the largest layer (at least its largest
 # parameter) before building waits: enough to keep the writer busy, and with the
@@ -139,12 +141,12 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
                             f"{config_lib.IMAGE_PROCESSORS} for a model with a vision encoder")
     cfg = cfg.replace(vision=cfg.vision.replace(image_processor=image_processor))
     override += f"; --image_processor={image_processor} overrides it"
-  logging.info("%s: %s tensors, %s%s", src, ckpt.kind, ckpt.config_note, override)
+  log.info("%s: %s tensors, %s%s", src, ckpt.kind, ckpt.config_note, override)
   ckpt.validate()
 
   staging = dst.rstrip("/") + STAGING_SUFFIX
   if os.path.exists(staging):
-    logging.warning("removing %s left by an unfinished conversion", staging)
+    log.warning("removing %s left by an unfinished conversion", staging)
     shutil.rmtree(staging)
   os.makedirs(staging)
   flat = summary.abstract_flat(cfg, np.dtype(STORED_DTYPES[dtype]), fp8=dtype == "fp8")
