@@ -70,11 +70,13 @@ def test_tpu_plan_compiles_and_agrees_with_shapes(tmp_path):
                                                  - peak - plan["vision_weights_bytes"])
   assert decode["ceiling_tokens_per_s"] == pytest.approx(batch * 0.819e12 / unavoidable)
   json.dumps(plan)  # all of it is JSON
-  # Where the decode step's bytes go, by source line: the LM head reads its whole
-  # [D, V] weight (the tiny model's largest), and the lines account for the step.
+  # Where the decode step's bytes go, by source line: the LM head (the tiny model's
+  # largest weight, held whole by every device) is read a vocab slice per device
+  # (forward.next_logits), and the lines account for the step.
   lines = json.loads((tmp_path / "decode_bytes_by_line.json").read_text())
   head = next(r for r in lines if r["where"].startswith("nn/decoder.py"))
-  assert head["bytes"] >= 2 * cfg.hidden_size * cfg.vocab_size
+  head_bytes = 2 * cfg.hidden_size * cfg.vocab_size
+  assert head_bytes / 4 <= head["bytes"] < head_bytes / 3
   assert sum(r["bytes"] for r in lines) <= decode["bytes_accessed"]
   assert (tmp_path / "prefill.hlo").exists()
 
