@@ -15,7 +15,7 @@ import os
 
 from absl import app, flags
 
-from smallfour import configs
+from smallfour import configs, logs
 from smallfour.plan import report as plan_lib
 
 _OUT = flags.DEFINE_string("out", "/tmp/plans", "Directory of the rows' JSON files.")
@@ -61,6 +61,7 @@ def row(name: str, plan: dict) -> str:
 
 def main(argv):
   del argv
+  logs.library_logs_at_warning()
   os.makedirs(_OUT.value, exist_ok=True)
   cfg = configs.resolve("small4_119b")
   lines = ["| plan | target | fits | headroom (GB/device) | decode args compiled / counted "

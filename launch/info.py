@@ -15,7 +15,7 @@ import json
 
 from absl import app, flags
 
-from smallfour import configs, sharding, summary
+from smallfour import configs, logs, sharding, summary
 from smallfour.config import ConfigError
 from smallfour.nn.fp8 import WEIGHTS_DTYPES
 
@@ -38,6 +38,7 @@ _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled step's HLO 
 
 def main(argv):
   del argv
+  logs.library_logs_at_warning()  # jax's libtpu probe logs at INFO: --verbosity=0 shows it
   try:
     cfg = configs.resolve(_CONFIG.value)
   except ConfigError as e:

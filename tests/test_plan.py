@@ -135,6 +135,14 @@ def test_info_cli_plan(tmp_path):
       [sys.executable, os.path.join(REPO, "launch", "info.py"), "--config=tiny", "--plan",
        "--target=v9z:1x1"], capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "neither a GPU" in bad.stderr
+  # A TPU plan's output is the JSON alone: jax's INFO line about the absent TPU (it
+  # probes on the first compile) is shown only with --verbosity.
+  tpu = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "info.py"), "--config=tiny", "--plan",
+       "--target=v5e:2x2", "--batch=2", "--max_len=64", "--prefill_len=32"],
+      capture_output=True, text=True, timeout=300)
+  assert tpu.returncode == 0 and tpu.stderr == "", tpu.stderr
+  assert json.loads(tpu.stdout)["fits"] is True
 
 
 def test_libtpu_is_quiet_on_a_host_without_tpus():
