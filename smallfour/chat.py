@@ -23,7 +23,9 @@ import random
 from typing import Any, Iterable
 
 from mistral_common.exceptions import MistralCommonException
+from mistral_common.protocol.instruct.normalize import get_normalizer
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, SpecialTokens
 from mistral_common.tokens.tokenizers.base import TokenizerVersion
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
@@ -103,16 +105,72 @@ class ChatTokenizer:
       raise ChatRequestError(f"a request is a JSON object, got {type(request).__name__}")
     messages = _checked_messages(request.get("messages"))
     tools = _checked_tools(request.get("tools"))
-    effort = request.get("reasoning_effort")
-    if effort is not None and effort not in self.reasoning_efforts:
-      allowed = ", ".join(repr(v) for v in self.reasoning_efforts)
-      raise ChatRequestError(f"reasoning_effort: {effort!r} is not one of {allowed}")
+    effort = self._checked_effort(request.get("reasoning_effort"))
     try:
       parsed = ChatCompletionRequest.from_openai(messages, tools=tools,
                                                  reasoning_effort=effort)
       return list(self.mistral.encode_chat_completion(parsed).tokens)
     except (MistralCommonException, ValueError, KeyError, TypeError) as e:
       raise ChatRequestError(f"mistral-common rejected the request: {_one_line(e)}") from e
+
+  def _checked_effort(self, effort: Any) -> Any:
+    if effort is not None and effort not in self.reasoning_efforts:
+      allowed = ", ".join(repr(v) for v in self.reasoning_efforts)
+      raise ChatRequestError(f"reasoning_effort: {effort!r} is not one of {allowed}")
+    return effort
+
+  def encode_for_training(self, request: dict[str, Any]) -> tuple[list[int], list[bool]]:
+    """A conversation ending with an assistant turn -> (ids, loss_mask); raises
+    ChatRequestError.
+
+    The ids are mistral-common's encoding of the whole conversation (in its fine-tuning
+    mode). The mask marks what the model itself generates: each assistant turn's tokens
+    (reasoning, content, tool calls and the closing `</s>`), found by encoding prefixes
+    of the conversation: a turn starts where the prompt for it ends (`encode` of the
+    messages before it) and ends where the encoding through it ends. System, user and
+    tool tokens and the prompt scaffolding stay unmarked.
+    """
+    if not isinstance(request, dict):
+      raise ChatRequestError(f"a request is a JSON object, got {type(request).__name__}")
+    messages = request.get("messages")
+    if isinstance(messages, list) and not any(
+        isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+      raise ChatRequestError("no assistant message: nothing to train on")
+    messages = _checked_messages(messages, last_roles=("assistant",))
+    ids = self._encode_finetuning(request, messages)
+    mask = [False] * len(ids)
+    for i, m in enumerate(messages):
+      if m["role"] != "assistant":
+        continue
+      prompt = self.encode({**request, "messages": request["messages"][:i]})
+      through = self._encode_finetuning(request, messages[:i + 1])
+      if ids[:len(prompt)] != prompt or ids[:len(through)] != through:
+        raise ChatRequestError(
+            f"messages[{i}]: mistral-common's encoding of the conversation up to this turn "
+            "is not a prefix of the whole one's, so its tokens cannot be told apart")
+      mask[len(prompt):len(through)] = [True] * (len(through) - len(prompt))
+    return ids, mask
+
+  def _encode_finetuning(self, request: dict[str, Any], messages: list[dict]) -> list[int]:
+    """Checked messages ending with an assistant turn -> ids (mistral-common)."""
+    effort = self._checked_effort(request.get("reasoning_effort"))
+    try:
+      parsed = ChatCompletionRequest.from_openai(
+          messages, tools=_checked_tools(request.get("tools")), reasoning_effort=effort)
+      return list(self._finetuning.encode_chat_completion(parsed).tokens)
+    except (MistralCommonException, ValueError, KeyError, TypeError) as e:
+      raise ChatRequestError(f"mistral-common rejected the request: {_one_line(e)}") from e
+
+  @functools.cached_property
+  def _finetuning(self) -> MistralTokenizer:
+    """The same tokenizer with mistral-common's fine-tuning checks (ends with an assistant
+    turn) in place of the serving ones."""
+    version = self.mistral.instruct_tokenizer.tokenizer.version
+    return MistralTokenizer(
+        self.mistral.instruct_tokenizer,
+        validator=get_validator(version, mode=ValidationMode.finetuning),
+        request_normalizer=get_normalizer(
+            version, self.mistral.instruct_tokenizer.tokenizer.model_settings_builder))
 
   def parse(self, ids: Iterable[int], rng: random.Random | None = None) -> dict:
     """Generated ids -> {"reasoning", "content", "tool_calls", "finish_reason"};
@@ -147,9 +205,13 @@ def _output_tokens(mistral: MistralTokenizer) -> chat_output.OutputTokens:
       vocab_size=tekken.n_words, piece=tekken.id_to_byte_piece)
 
 
-def _checked_messages(messages: Any) -> list[dict]:
+def _checked_messages(messages: Any, last_roles: tuple[str, ...] = ("user", "tool")
+                      ) -> list[dict]:
   """The messages, checked where mistral-common's errors would not name the culprit, with
-  Mistral-style thinking chunks ({"thinking": [text chunks]}) flattened to strings."""
+  Mistral-style thinking chunks ({"thinking": [text chunks]}) flattened to strings.
+
+  A prompt ends with a user or tool message; a training example (`last_roles`
+  ("assistant",)) with the assistant turn it teaches."""
   if not isinstance(messages, list) or not messages:
     raise ChatRequestError("messages: expected a non-empty list of messages")
   out, calls, previous = [], set(), None
@@ -179,12 +241,14 @@ def _checked_messages(messages: Any) -> list[dict]:
       calls = set()
     out.append(m)
     previous = role
-  if previous not in ("user", "tool"):
-    raise ChatRequestError(
-        f"messages[{len(messages) - 1}].role: the request ends with a message of role "
-        f"{previous!r}; the model answers a user or tool message (continuing an assistant "
-        "turn is not supported)")
-  return out
+  if previous in last_roles:
+    return out
+  where = f"messages[{len(messages) - 1}].role: the request ends with a message of role"
+  if last_roles == ("assistant",):
+    raise ChatRequestError(f"{where} {previous!r}; a training example ends with the "
+                           "assistant turn it teaches")
+  raise ChatRequestError(f"{where} {previous!r}; the model answers a user or tool message "
+                         "(continuing an assistant turn is not supported)")
 
 
 def _check_content(content: Any, where: str) -> None:

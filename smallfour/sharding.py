@@ -49,6 +49,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("vision_mlp", None),
     ("vision_merge", None),
     ("projector_hidden", None),
+    # LoRA adapters' rank (smallfour.train.lora): small, never split
+    ("lora_rank", None),
 )
 
 LOGICAL_AXIS_NAMES: frozenset[str] = frozenset(name for name, _ in LOGICAL_AXIS_RULES)

@@ -1,0 +1,173 @@
+"""Fine-tunes a converted checkpoint or a seeded random preset on chat data (SFT).
+
+  python launch/train.py --config=tiny --data=launch/examples/train_tiny.jsonl \
+      --steps=60 --batch_size=4 --max_seq_len=128 --learning_rate=3e-3 --out=/tmp/run
+  python launch/train.py --ckpt=/data/small4-bf16 --data=chats.jsonl --lora_rank=16 \
+      --steps=1000 --mesh=data:1,expert:8,tensor:1 --out=/data/run --metrics=/data/run.jsonl
+  python launch/generate.py --ckpt=/tmp/run --prompt="..."  # the merged result
+
+Each line of --data is a request object ({"messages": [...], "tools"?, "reasoning_effort"?})
+ending with the assistant turn it teaches; only assistant tokens are trained on (the mask
+comes from mistral-common's encoding, smallfour.chat). Rerunning the same command with a
+larger --steps resumes from the latest checkpoint in --out. After the last step --out
+also holds the merged model as a regular checkpoint, with its tekken.json.
+"""
+
+import json
+import logging
+import os
+import sys
+from typing import NoReturn
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from absl import logging as absl_logging
+from flax import nnx
+
+from smallfour import configs, sharding
+from smallfour.chat import ChatTokenizer, TokenizerFileError
+from smallfour.checkpoint import restore
+from smallfour.checkpoint.layout import CheckpointError
+from smallfour.config import ConfigError, TextConfig
+from smallfour.nn.decoder import Transformer
+from smallfour.train import data, loop
+from smallfour.train.lora import TARGETS, LoraConfig
+from smallfour.train.optimizer import OptimizerConfig
+from smallfour.train.step import StepConfig
+
+_CKPT = flags.DEFINE_string("ckpt", None, "A checkpoint written by launch/convert.py.")
+_CONFIG = flags.DEFINE_string("config", None, "A preset (random weights, seeded) when no --ckpt.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None,
+                                 "A tekken.json (default: the checkpoint's, or the built-in "
+                                 "one for a preset).")
+_DATA = flags.DEFINE_string("data", None, "JSONL, one chat request per line.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Run directory: checkpoints, then the merged model.",
+                           required=True)
+_STEPS = flags.DEFINE_integer("steps", None, "Train until this many steps are done.",
+                              required=True)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Sequences per step.")
+_MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 1024,
+                                    "Positions per sequence; longer examples are cut.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-4, "Peak learning rate (AdamW).")
+_WARMUP = flags.DEFINE_integer("warmup_steps", 10, "Linear warmup steps.")
+_DECAY = flags.DEFINE_integer("decay_steps", 1000,
+                              "Cosine decay to 10% after warmup; constant after. Independent "
+                              "of --steps, so a resumed run follows the same schedule.")
+_SEED = flags.DEFINE_integer("seed", 0, "Data order, adapters (and preset weights).")
+_MESH = flags.DEFINE_string("mesh", "data:1,expert:1,tensor:1", "Device mesh axis sizes.")
+_METRICS = flags.DEFINE_string("metrics", None,
+                               "Write one JSON line per step here (step, loss, aux_loss, "
+                               "grad_norm, learning_rate, tokens, tokens_per_s, padding, "
+                               "expert_fractions).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                           "Parameter and compute dtype (default: the checkpoint's; float32 "
+                           "for a preset).")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "LoRA rank; 0 trains without adapters.")
+_LORA_TARGETS = flags.DEFINE_list("lora_targets", ["attn"],
+                                  f"Where adapters go: {', '.join(TARGETS)}.")
+_TRAINABLE = flags.DEFINE_string(
+    "trainable", None, "What is trained: `all`, `lora`, and/or regular expressions over "
+    "parameter paths like layers/3/attn/q_a_proj, comma separated (default: lora with "
+    "--lora_rank, else all).")
+_AUX = flags.DEFINE_float("aux_loss_coef", 0.0,
+                          "Weight of the MoE load-balancing loss (always logged).")
+_BAD_LINES = flags.DEFINE_enum("bad_lines", "refuse", data.ON_BAD_LINE,
+                               "A malformed --data line stops the run, or is skipped with a "
+                               "warning.")
+_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 100,
+                                         "Save a checkpoint every this many steps (and at "
+                                         "the last).")
+
+
+def _fail(message: str) -> NoReturn:
+  raise SystemExit(f"error: {message}")
+
+
+def _config() -> TextConfig:
+  if (_CKPT.value is None) == (_CONFIG.value is None):
+    raise app.UsageError("give exactly one of --ckpt and --config")
+  try:
+    return restore.read_config(_CKPT.value) if _CKPT.value else configs.resolve(_CONFIG.value)
+  except (CheckpointError, ConfigError) as e:
+    _fail(str(e))
+
+
+def _mesh(cfg: TextConfig) -> jax.sharding.Mesh | None:
+  try:
+    mesh = sharding.make_mesh(sharding.parse_mesh(_MESH.value), cfg)
+  except sharding.MeshError as e:
+    raise app.UsageError(str(e)) from None
+  return None if mesh.size == 1 else mesh
+
+
+def _model(cfg: TextConfig, mesh) -> Transformer:
+  if _CKPT.value:
+    try:
+      return restore.restore_model(_CKPT.value, mesh=mesh, dtype=_DTYPE.value)
+    except (CheckpointError, ConfigError) as e:
+      _fail(str(e))
+  dtype = jnp.dtype(_DTYPE.value or "float32")
+  make = lambda: Transformer(cfg, rngs=nnx.Rngs(_SEED.value), param_dtype=dtype)  # noqa: E731
+  return make() if mesh is None else sharding.init_sharded(make, mesh)
+
+
+def _base() -> dict:
+  """What the model is built from, as run.json and the exported checkpoint record it."""
+  if _CKPT.value:
+    return {"ckpt": os.path.abspath(_CKPT.value), "dtype": _DTYPE.value}
+  return {"config": _CONFIG.value, "seed": _SEED.value, "dtype": _DTYPE.value or "float32"}
+
+
+def _tokenizer(cfg: TextConfig) -> ChatTokenizer:
+  """--tokenizer, else the checkpoint's (or --config directory's) tekken.json, else, for a
+  preset, the built-in one (as launch/generate.py)."""
+  path = _TOKENIZER.value
+  if path is None and _CKPT.value:
+    path = os.path.join(_CKPT.value, "tekken.json")
+    if not os.path.isfile(path):
+      _fail(f"no tokenizer: {path} does not exist; pass --tokenizer=PATH to a tekken.json")
+  elif path is None and _CONFIG.value not in configs.PRESETS:
+    path = os.path.join(_CONFIG.value, "tekken.json")
+    path = path if os.path.isfile(path) else None
+  try:
+    tok = ChatTokenizer.from_file(path) if path else ChatTokenizer.builtin()
+  except TokenizerFileError as e:
+    _fail(str(e))
+  if tok.vocab_size > cfg.vocab_size or tok.eos_id != cfg.eos_token_id:
+    _fail(f"tokenizer {tok.path} (vocab {tok.vocab_size}, </s> {tok.eos_id}) does not fit "
+          f"the model (vocab {cfg.vocab_size}, eos {cfg.eos_token_id})")
+  return tok
+
+
+def main(argv):
+  del argv
+  logging.getLogger("mistral_common").setLevel(logging.WARNING)
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  cfg = _config()
+  tok = _tokenizer(cfg)
+  lora = LoraConfig(_LORA_RANK.value, tuple(_LORA_TARGETS.value)) if _LORA_RANK.value else None
+  run = loop.RunConfig(
+      data=_DATA.value, out=_OUT.value, steps=_STEPS.value, batch_size=_BATCH_SIZE.value,
+      max_seq_len=_MAX_SEQ_LEN.value, seed=_SEED.value,
+      optimizer=OptimizerConfig(learning_rate=_LEARNING_RATE.value,
+                                warmup_steps=_WARMUP.value, decay_steps=_DECAY.value),
+      step=StepConfig(aux_loss_coef=_AUX.value), lora=lora, trainable=_TRAINABLE.value,
+      on_bad_line=_BAD_LINES.value, checkpoint_every=_CHECKPOINT_EVERY.value,
+      metrics=_METRICS.value)
+  mesh = _mesh(cfg)
+  try:
+    history = loop.train(lambda: _model(cfg, mesh), cfg, tok, run, mesh=mesh, base=_base(),
+                         log=lambda m: print(m, file=sys.stderr))
+  except (data.DataError, loop.RunError) as e:
+    _fail(str(e))
+  if history:
+    first, last = history[0], history[-1]
+    speed = sum(r["tokens_per_s"] for r in history[1:]) / max(len(history) - 1, 1)
+    print(json.dumps({"steps": last["step"], "first_loss": first["loss"],
+                      "last_loss": last["loss"], "tokens_per_s": round(speed, 1)}))
+
+
+if __name__ == "__main__":
+  app.run(main)
