@@ -20,6 +20,7 @@ NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 # The least number of matplotlib figures (image/png outputs) each notebook must show.
 MIN_PLOTS = {
     "01_architecture.ipynb": 6,
+    "02_routing.ipynb": 5,
 }
 CELL_TIMEOUT_S = 600
 
