@@ -21,6 +21,7 @@ NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 MIN_PLOTS = {
     "01_architecture.ipynb": 6,
     "02_routing.ipynb": 5,
+    "03_chat.ipynb": 2,
 }
 CELL_TIMEOUT_S = 600
 
