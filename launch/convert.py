@@ -18,6 +18,7 @@ from smallfour import logs
 from smallfour.checkpoint import convert as convert_lib
 from smallfour.checkpoint.assemble import CheckpointError
 from smallfour.config import IMAGE_PROCESSORS, SOFTMAX_SCALE_MODES, ConfigError
+from smallfour.nn import quant as quant_lib
 
 _SRC = flags.DEFINE_string("src", None, "Released checkpoint directory (HF or native).",
                            required=True)
@@ -25,7 +26,17 @@ _DST = flags.DEFINE_string("dst", None, "New directory to write; must not exist.
 _DTYPE = flags.DEFINE_enum(
     "dtype", "bfloat16", convert_lib.DTYPES,
     "Stored dtype. fp8 keeps an FP8 release's e4m3 linears and their scales as they are "
-    "(the rest bfloat16), for --weights_dtype=fp8 at generation.")
+    "(the rest bfloat16), for --weights_dtype=fp8 at generation. int8 / int4 quantize the "
+    "routed experts (int8 per output channel, int4 in groups of --group_size inputs) and "
+    "attention and shared experts as --dense_dtype; embeddings, norms, router and LM head "
+    "stay bfloat16 (smallfour/nn/quant.py).")
+_GROUP_SIZE = flags.DEFINE_integer(
+    "group_size", quant_lib.DEFAULT_GROUP_SIZE,
+    "--dtype=int4: inputs per scale; must divide hidden_size and moe_intermediate_size.")
+_DENSE_DTYPE = flags.DEFINE_enum(
+    "dense_dtype", "int8", quant_lib.DENSE_DTYPES,
+    "--dtype=int8/int4: attention, shared experts and dense MLPs as int8 (per channel) or "
+    "left bfloat16.")
 _SOFTMAX_SCALE = flags.DEFINE_enum(
     "softmax_scale", None, SOFTMAX_SCALE_MODES,
     "Override the softmax-scale mode the source implies: params.json's yarn.apply_scale "
@@ -44,7 +55,8 @@ def main(argv):
   try:
     stats = convert_lib.convert(_SRC.value, _DST.value, dtype=_DTYPE.value,
                                 softmax_scale=_SOFTMAX_SCALE.value, kind=_FORMAT.value,
-                                image_processor=_IMAGE_PROCESSOR.value)
+                                image_processor=_IMAGE_PROCESSOR.value,
+                                group_size=_GROUP_SIZE.value, dense_dtype=_DENSE_DTYPE.value)
   except (CheckpointError, ConfigError) as e:
     logging.error("conversion failed: %s", e)
     raise SystemExit(f"error: {e}") from None

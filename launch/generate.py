@@ -45,7 +45,8 @@ from smallfour.config import IMAGE_PROCESSORS, ConfigError, TextConfig
 from smallfour.inference.engine import Engine, RequestError
 from smallfour.inference.sampling import Sampling
 from smallfour.nn.decoder import Transformer
-from smallfour.nn.fp8 import WEIGHTS_DTYPES
+from smallfour.nn import quant as quant_lib
+from smallfour.nn.quant import WEIGHTS_DTYPES
 
 # Sampling defaults per reasoning effort (spec/CHAT_FORMAT.md §5): the model card asks for
 # temperature 0.7 with "high" and 0.0-0.7 with "none" (we take greedy), gives no top-k/top-p,
@@ -94,8 +95,15 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
 _WEIGHTS_DTYPE = flags.DEFINE_enum(
     "weights_dtype", None, WEIGHTS_DTYPES,
     "fp8: keep the e4m3 linears FP8-resident (a checkpoint converted with --dtype=fp8; for "
-    "--config, quantized at init). Default: as the checkpoint stores them (bfloat16 for "
-    "--config).")
+    "--config, quantized at init); int8 / int4: integer weights (a checkpoint converted "
+    "with that --dtype; for --config, quantized at init, smallfour/nn/quant.py). Default: as "
+    "the checkpoint stores them (bfloat16 for --config).")
+_GROUP_SIZE = flags.DEFINE_integer(
+    "group_size", None, "int4: inputs per scale (default: the checkpoint's; 128 for --config).")
+_DENSE_DTYPE = flags.DEFINE_enum(
+    "dense_dtype", None, quant_lib.DENSE_DTYPES,
+    "int8/int4: attention and shared experts as int8 or bfloat16 (default: the checkpoint's; "
+    "int8 for --config).")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None,
                                    "Write the prompt and the answer here as JSON.")
 
@@ -129,12 +137,27 @@ def _load_model(cfg: TextConfig) -> tuple[Transformer, jax.sharding.Mesh | None]
   if _CKPT.value:
     try:
       return restore.restore_model(_CKPT.value, mesh=mesh, dtype=_DTYPE.value,
-                                   weights_dtype=_WEIGHTS_DTYPE.value), mesh
+                                   weights_dtype=_WEIGHTS_DTYPE.value,
+                                   group_size=_GROUP_SIZE.value,
+                                   dense_dtype=_DENSE_DTYPE.value), mesh
     except (CheckpointError, ConfigError) as e:
       _fail(str(e))
   dtype = jnp.dtype(_DTYPE.value or "float32")
-  make = lambda: Transformer(cfg, rngs=nnx.Rngs(_SEED.value), param_dtype=dtype,  # noqa: E731
-                             fp8=_WEIGHTS_DTYPE.value == "fp8")
+  quant = None
+  if _WEIGHTS_DTYPE.value in quant_lib.INT_DTYPES:
+    try:
+      quant = quant_lib.Quant(_WEIGHTS_DTYPE.value,
+                              _GROUP_SIZE.value or quant_lib.DEFAULT_GROUP_SIZE,
+                              _DENSE_DTYPE.value or "int8")
+      quant_lib.check(cfg, quant)
+    except quant_lib.QuantError as e:
+      _fail(str(e))
+
+  def make():
+    model = Transformer(cfg, rngs=nnx.Rngs(_SEED.value), param_dtype=dtype,
+                        fp8=_WEIGHTS_DTYPE.value == "fp8")
+    return model if quant is None else quant_lib.apply(model, quant)
+
   return (make() if mesh is None else sharding.init_sharded(make, mesh)), mesh
 
 

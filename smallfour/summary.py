@@ -13,23 +13,27 @@ import jax.numpy as jnp
 from flax import nnx
 
 from smallfour.config import TextConfig
+from smallfour.nn import quant as quant_lib
 from smallfour.nn.decoder import Transformer
 
 
 def traced_params(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16,
-                  fp8: bool = False) -> nnx.State:
+                  fp8: bool = False, quant: quant_lib.Quant | None = None) -> nnx.State:
   """The parameter state of `cfg` as ShapeDtypeStructs, by tracing the whole model.
 
   The reference for `abstract_params`, but jax traces in time quadratic in depth
-  (0.27 s for 8 layers, 4 s for 36). `fp8`: with FP8-resident linears (`Transformer`).
+  (0.27 s for 8 layers, 4 s for 36). `fp8`: with FP8-resident linears (`Transformer`);
+  `quant`: with integer ones (`nn/quant.py`).
   """
-  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype,
-                                             fp8=fp8))
-  return nnx.state(model, nnx.Param)
+  def make():
+    model = Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, fp8=fp8)
+    return model if quant is None else quant_lib.apply(model, quant)
+
+  return nnx.state(nnx.eval_shape(make), nnx.Param)
 
 
-def abstract_flat(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16, fp8: bool = False
-                  ) -> dict[tuple[Any, ...], nnx.Variable]:
+def abstract_flat(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16, fp8: bool = False,
+                  quant: quant_lib.Quant | None = None) -> dict[tuple[Any, ...], nnx.Variable]:
   """{path: abstract parameter} of `cfg`, equal to `traced_params` flattened.
 
   A decoder layer's parameters depend only on whether it is a MoE layer, so this traces
@@ -40,7 +44,7 @@ def abstract_flat(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16, fp8: b
   for i in range(cfg.num_layers):
     first.setdefault(cfg.is_moe_layer(i), i)
   prefix = cfg.replace(num_layers=max(first.values(), default=-1) + 1)
-  traced = dict(nnx.to_flat_state(traced_params(prefix, param_dtype, fp8)))
+  traced = dict(nnx.to_flat_state(traced_params(prefix, param_dtype, fp8, quant)))
   flat = {path: var for path, var in traced.items() if path[0] != "layers"}
   for i in range(cfg.num_layers):
     like = ("layers", first[cfg.is_moe_layer(i)])
@@ -50,10 +54,10 @@ def abstract_flat(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16, fp8: b
 
 
 def abstract_params(cfg: TextConfig, param_dtype: jnp.dtype = jnp.bfloat16,
-                    fp8: bool = False) -> nnx.State:
+                    fp8: bool = False, quant: quant_lib.Quant | None = None) -> nnx.State:
   """The parameter state of `cfg` as ShapeDtypeStructs (nothing allocated), built from
   `abstract_flat`."""
-  return nnx.from_flat_state(abstract_flat(cfg, param_dtype, fp8))
+  return nnx.from_flat_state(abstract_flat(cfg, param_dtype, fp8, quant))
 
 
 def param_counts(cfg: TextConfig) -> dict[str, Any]:

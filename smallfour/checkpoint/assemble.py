@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from smallfour.checkpoint import fp8, strided
+from smallfour.checkpoint import fp8, quant, strided
 from smallfour.checkpoint.keymap import Path, TensorMap
 from smallfour.checkpoint.layout import CheckpointError
 
@@ -66,7 +66,9 @@ def build_params(maps: Iterable[TensorMap], source: TensorSource,
   and the table fills the output in one pass; with `read_transient`, slices are read
   into a reused buffer, as they are copied out at once. An FP8-resident target (the
   model has `path + ("codes",)` and `path + ("scale",)`) gets the rearranged codes and
-  their multiplier as stored, from the source's `read_fp8`.
+  their multiplier as stored, from the source's `read_fp8`; an integer target (int8 or
+  int4 codes) is quantized from the float32 values (`checkpoint/quant.py`), each expert
+  slice on its own.
   Returns {path: C-contiguous array}.
   """
   maps = list(maps)
@@ -102,10 +104,26 @@ def build_params(maps: Iterable[TensorMap], source: TensorSource,
       out[_scale(m.path)][m.write_index] = scale[0]
     strided.copy_into(dst.view(np.uint8), value)
 
+  def build_int(m: TensorMap) -> None:
+    """Quantizes `m`'s float32 values into `out`'s codes and scale (whole, or a slice)."""
+    var, scale_var = expected[_codes(m.path)], expected[_scale(m.path)]
+    cut = slice(None) if m.write_index is None else slice(1, None)
+    shape, scale_shape = tuple(var.shape[cut]), tuple(scale_var.shape[cut])
+    value = m.build(*[source.read(name, m.read_index, np.float32) for name in m.sources])
+    if tuple(value.shape) != shape:
+      raise AssertionError(f"{m.sources} -> {m.path}: {value.shape} != {shape}")
+    if m.write_index is None:
+      out[_codes(m.path)], out[_scale(m.path)] = quant.quantize(
+          value, scale_shape, var.dtype, empty(shape, np.dtype(var.dtype)))
+    else:
+      _, out[_scale(m.path)][m.write_index] = quant.quantize(
+          value, scale_shape, var.dtype, out[_codes(m.path)][m.write_index])
+
   def build(m: TensorMap) -> np.ndarray | None:
     """Builds `m`; returns the whole parameter, or None once it (or its slice) is in `out`."""
     if m.path not in expected:
-      return build_fp8(m)
+      integer = quant.is_integer_codes(expected[_codes(m.path)].dtype)
+      return build_int(m) if integer else build_fp8(m)
     var = expected[m.path]
     shape = tuple(var.shape if m.write_index is None else var.shape[1:])
     coded = lookup(m.sources[0], m.read_index, var.dtype) if (

@@ -25,12 +25,14 @@ from tqdm import tqdm
 
 from smallfour import config as config_lib
 from smallfour import summary
+from smallfour.checkpoint import quant as ckpt_quant
 from smallfour.checkpoint.assemble import build_params
 from smallfour.checkpoint.formats import SourceCheckpoint, open_checkpoint
 from smallfour.checkpoint.keymap import Path, TensorMap
 from smallfour.checkpoint.layout import (DTYPES, FORMAT_VERSION, PARAMS_DIR, STAGING_SUFFIX,
                                          STORED_DTYPES, TOKENIZER_FILE, CheckpointError)
 from smallfour.checkpoint.orbax_writer import TreeWriter, fsync
+from smallfour.nn import quant as quant_lib
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +110,18 @@ def _by_path(group: list[TensorMap]) -> dict[Path, list[TensorMap]]:
 
 def convert(src: str, dst: str, *, dtype: str = "bfloat16",
             softmax_scale: str | None = None, kind: Literal["auto", "hf", "native"] = "auto",
-            image_processor: str | None = None, progress: bool = True) -> dict[str, Any]:
+            image_processor: str | None = None, progress: bool = True,
+            group_size: int = quant_lib.DEFAULT_GROUP_SIZE,
+            dense_dtype: str = "int8") -> dict[str, Any]:
   """Converts `src` into a new checkpoint at `dst`; returns byte and time statistics.
 
   Args:
     dtype: the stored dtype: "bfloat16" or "float32" (FP8 is dequantized in float32 first),
       or "fp8": the e4m3 linears stay e4m3 with their multipliers (FP8-resident restore,
-      half the bytes), everything else bfloat16; the source must be FP8.
+      half the bytes), everything else bfloat16; the source must be FP8. "int8" / "int4":
+      routed experts quantized from the float32 values (int8 per output channel, int4 in
+      groups of `group_size` inputs), attention and shared/dense MLPs as `dense_dtype`
+      (int8 per channel, or bfloat16), the rest bfloat16 (nn/quant.py).
     softmax_scale: overrides the mode the source implies ("plain"/"hf_mscale_fold"):
       params.json's yarn.apply_scale when it is there, else config.json's transformers
       semantics (`config_files.read_release_dir`).
@@ -149,7 +156,14 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
     log.warning("removing %s left by an unfinished conversion", staging)
     shutil.rmtree(staging)
   os.makedirs(staging)
-  flat = summary.abstract_flat(cfg, np.dtype(STORED_DTYPES[dtype]), fp8=dtype == "fp8")
+  try:
+    quant = (quant_lib.Quant(dtype, group_size, dense_dtype) if dtype in quant_lib.INT_DTYPES
+             else None)
+    flat = summary.abstract_flat(cfg, np.dtype(STORED_DTYPES[dtype]), fp8=dtype == "fp8",
+                                 quant=quant)
+  except quant_lib.QuantError as e:
+    shutil.rmtree(staging)
+    raise CheckpointError(str(e)) from None
   if dtype == "fp8":
     _check_fp8_sources(ckpt, flat)
   groups = [_by_path(g) for g in ckpt.maps]
@@ -170,6 +184,11 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
       for maps in group.values():
         for path, array in build_params(maps, ckpt.source, flat, empty=pool.empty,
                                         executor=builders).items():
+          if array.dtype == ckpt_quant.INT4:  # two codes per stored byte
+            packed = ckpt_quant.pack_int4(array)
+            if pool.owns(array):
+              pool.recycle(array)
+            array = packed
           writer.write(path, array, on_done=pool.recycle if pool.owns(array) else None)
           written += array.nbytes
           bar.update(array.nbytes)
@@ -184,6 +203,7 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
       "format_version": FORMAT_VERSION,
       "text": cfg.to_dict(),
       "param_dtype": dtype,
+      **({"quant": quant.to_dict()} if quant else {}),
       "source": {"kind": ckpt.kind, "path": os.path.abspath(src)},
       "tokenizer": TOKENIZER_FILE if ckpt.tokenizer else None,
   }

@@ -24,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import qwix
 
 from jax.sharding import PartitionSpec as P
 
@@ -79,6 +80,9 @@ def routed_experts(gate: moe_kernels.Weight, up: moe_kernels.Weight,
 
   def weight_spec(w, axes):
     spec = sharding.logical_spec(axes)
+    if isinstance(w, qwix.QArray):  # integer codes; the scale is split where it varies
+      return w.replace(qvalue=spec, scale=P(*(
+          a if n > 1 else None for a, n in zip(spec, w.scale.shape))))
     return fp8.Fp8Array(spec, P(spec[0])) if isinstance(w, fp8.Fp8Array) else spec
 
   in_spec, out_spec = weight_spec(gate, IN_WEIGHT_AXES), weight_spec(down, OUT_WEIGHT_AXES)

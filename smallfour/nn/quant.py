@@ -1,0 +1,197 @@
+"""Weight-only int8 / int4: integer codes and float32 scales, dequantized where they are used.
+
+Routed experts (97% of the released model's bytes) are held as int8 with one scale per
+output channel, or int4 with one scale per `group_size` inputs of each output channel;
+attention, the shared experts and the dense MLPs as int8 per channel or left in the
+activation dtype (`Quant.dense`). The embedding, norms, router and LM head always stay in
+the activation dtype: the router picks experts from small logit gaps, and the embedding
+and head are per-token lookups and the vocabulary projection, 1.4% of the bytes.
+
+qwix holds and computes the numbers: a weight is a `qwix.QArray` (codes + a scale of the
+same rank, broadcast over each group), quantized by `qwix.quantize` (symmetric absmax,
+round half to even) and dequantized by `qwix.dequantize`, `float32(code) · scale`, then
+cast to the activation dtype inside the expression that consumes it, so XLA fuses the
+conversion into the matmul's operand and no whole bf16 copy of a weight exists. What is
+ours: which tensors get which rule (`rule`), and placing the integer weights in an
+already built model (`apply`), whose layers then read them through `QuantWeight` like
+any parameter. qwix's own model quantization (`qwix.quantize_model`) intercepts the
+einsums a module calls; ours run inside custom MoE kernels and `shard_map`, where the
+weights themselves must be the quantized arrays. Its `ragged_dot` on a bf16 × QArray pair
+dequantizes the weight first, as `fp8.dense` does, so the kernels keep one path.
+
+Names: a weight's "input axes" are the ones its matmuls contract (the fan-in); a scale
+has size 1 there (per channel) or dim / group_size (group-wise), and the weight's size on
+every other axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import qwix
+from flax import nnx
+
+from smallfour.config import TextConfig
+from smallfour.nn import fp8
+from smallfour.nn.mla import MLA
+from smallfour.nn.moe import MLP, RoutedExperts
+
+INT_DTYPES = ("int8", "int4")
+# `--weights_dtype`: plain, FP8-resident (nn/fp8.py) or integer weights (this file).
+WEIGHTS_DTYPES = (*fp8.WEIGHTS_DTYPES, *INT_DTYPES)
+# Attention and shared experts: int8 per channel, or kept in the activation dtype.
+DENSE_DTYPES = ("int8", "bfloat16")
+DEFAULT_GROUP_SIZE = 128
+QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
+
+# Input axes of each quantized linear, by the module that holds it (shapes in mla.py and
+# moe.py). k_up is contracted over R when keys are expanded and over Dn when absorbed:
+# its channels are (h, dn), as stored in the release's kv_b_proj rows.
+_MLA_INPUT_AXES = {"q_a_proj": (0,), "q_b_proj": (0,), "kv_a_proj": (0,), "k_up": (1,),
+                   "v_up": (2,), "o_proj": (0, 1)}
+_MLP_INPUT_AXES = {"gate_proj": (-2,), "up_proj": (-2,), "down_proj": (-2,)}
+
+
+class QuantError(ValueError):
+  """A quantization request that cannot be honoured (dtype, group size, tensor)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Quant:
+  """How the linears are held: routed experts as `experts` (int8 | int4, the latter in
+  groups of `group_size` inputs), attention and shared/dense MLPs as `dense`."""
+
+  experts: str
+  group_size: int = DEFAULT_GROUP_SIZE
+  dense: str = "int8"
+
+  def __post_init__(self):
+    if self.experts not in INT_DTYPES:
+      raise QuantError(f"weights_dtype={self.experts!r}: integer weights are {INT_DTYPES}")
+    if self.dense not in DENSE_DTYPES:
+      raise QuantError(
+          f"dense_dtype={self.dense!r}: attention and shared experts are held as one of "
+          f"{DENSE_DTYPES}; int4 is for the routed experts only")
+    if self.group_size < 1:
+      raise QuantError(f"group_size={self.group_size}: must be a positive integer")
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "Quant":
+    return cls(**d)
+
+
+def check(cfg: TextConfig, quant: Quant) -> None:
+  """Fails early, naming the config field, when int4 groups do not tile the experts'
+  input dims (hidden_size for gate/up, moe_intermediate_size for down)."""
+  if quant.experts != "int4":
+    return
+  for field in ("hidden_size", "moe_intermediate_size"):
+    if (dim := getattr(cfg, field)) % quant.group_size:
+      raise QuantError(f"--group_size={quant.group_size} does not divide {field}={dim}, an "
+                       "input dim of the routed experts; pick a divisor")
+
+
+def rule(quant: Quant, role: str) -> tuple[str, int | None] | None:
+  """(qtype, group size or None for per channel) of a tensor, or None: keep it as it is.
+
+  role: "experts" (routed), "dense" (attention, shared experts, dense MLPs) or any
+  other tensor ("embedding", "lm_head", "router", "norm"), which must stay unquantized.
+  """
+  if role == "experts":
+    return quant.experts, quant.group_size if quant.experts == "int4" else None
+  if role == "dense":
+    return ("int8", None) if quant.dense == "int8" else None
+  raise QuantError(f"the {role} stays in the activation dtype; only routed experts, "
+                   "attention and shared/dense MLP weights are quantized")
+
+
+def scale_shape(name: str, shape: Sequence[int], input_axes: Sequence[int],
+                group: int | None) -> tuple[int, ...]:
+  """The scale of weight `name` [*shape]: 1 on its input axes (per channel), or
+  dim / group on its one input axis (group-wise); its own size elsewhere."""
+  axes = {a % len(shape) for a in input_axes}
+  if group is not None:
+    if len(axes) != 1:
+      raise QuantError(f"{name}: group-wise scales need one input axis, it has {sorted(axes)}")
+    (axis,) = axes
+    if shape[axis] % group:
+      raise QuantError(f"--group_size={group} does not divide {name}'s input dim "
+                       f"{shape[axis]} (axis {axis} of {tuple(shape)}); pick a divisor")
+  return tuple((d // group if group else 1) if i in axes else d for i, d in enumerate(shape))
+
+
+def quantize(name: str, w: jax.Array, input_axes: Sequence[int], qtype: str,
+             group: int | None) -> qwix.QArray:
+  """Symmetric absmax quantization of `w` [*S] in float32 -> QArray (codes [*S], scale)."""
+  scales = scale_shape(name, w.shape, input_axes, group)
+  channels = [i for i, (d, s) in enumerate(zip(w.shape, scales)) if s == d and d > 1]
+  tiles = {i: d // s for i, (d, s) in enumerate(zip(w.shape, scales)) if 1 < s < d}
+  return qwix.quantize(w.astype(jnp.float32), QTYPES[qtype], channelwise_axes=channels,
+                       tiled_axes=tiles)
+
+
+def scale_axes(axes: Sequence[str | None], scale: Sequence[int]) -> tuple[str | None, ...]:
+  """Logical axes of a scale: the weight's, none where the scale has size 1 (so a
+  per-channel scale is split with its channels and a group scale with its groups)."""
+  return tuple(a if s > 1 else None for a, s in zip(axes, scale))
+
+
+class QuantWeight(nnx.Module):
+  """A weight held as integer `codes` plus float32 `scale`; `w[...]` dequantizes it.
+
+  Stands in for an `nnx.Param` in the layers, which read it the same way; the routed
+  expert kernels take the QArray itself (`packed()`, via `fp8.packed`) and dequantize
+  the experts they use.
+  """
+
+  def __init__(self, codes: nnx.Param, scale: nnx.Param, dtype: jnp.dtype):
+    self.codes = codes
+    self.scale = scale
+    self.dtype = jnp.dtype(dtype)  # the dequantized (= activation) dtype
+
+  def packed(self) -> qwix.QArray:
+    return qwix.QArray(self.codes[...], self.scale[...])
+
+  def __getitem__(self, index) -> jax.Array:
+    return fp8.dense(self.packed(), self.dtype)[index]
+
+
+def _replace(module: nnx.Module, names: dict[str, tuple[int, ...]], where: str,
+             quant_rule: tuple[str, int | None]) -> None:
+  qtype, group = quant_rule
+  for name, input_axes in names.items():
+    param = getattr(module, name)
+    if not isinstance(param, nnx.Param):
+      raise QuantError(f"{where}.{name} is already {type(param).__name__}; integer "
+                       "weights are made from plain ones (not --weights_dtype=fp8)")
+    value = param[...]
+    q = quantize(f"{where}.{name}", value, input_axes, qtype, group)
+    axes = param.get_metadata().get("out_sharding") or (None,) * value.ndim
+    setattr(module, name, QuantWeight(
+        nnx.Param(q.qvalue, out_sharding=tuple(axes), eager_sharding=False),
+        nnx.Param(q.scale, out_sharding=scale_axes(axes, q.scale.shape),
+                  eager_sharding=False), value.dtype))
+
+
+def apply(model: nnx.Module, quant: Quant) -> nnx.Module:
+  """Replaces, in place, the linears of `model` with integer `QuantWeight`s; returns it.
+
+  Call it inside the function that builds the model (under `nnx.eval_shape` to get the
+  abstract layout a checkpoint restores into, or under `jit` with output shardings), so
+  the full-precision weights are only ever temporaries.
+  """
+  for path, module in list(nnx.iter_graph(model)):
+    where = ".".join(map(str, path))
+    if isinstance(module, RoutedExperts):
+      _replace(module, _MLP_INPUT_AXES, where, rule(quant, "experts"))
+    elif isinstance(module, MLP) and (r := rule(quant, "dense")):
+      _replace(module, _MLP_INPUT_AXES, where, r)
+    elif isinstance(module, MLA) and (r := rule(quant, "dense")):
+      _replace(module, _MLA_INPUT_AXES, where, r)
+  return model
