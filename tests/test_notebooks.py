@@ -22,6 +22,7 @@ MIN_PLOTS = {
     "01_architecture.ipynb": 6,
     "02_routing.ipynb": 5,
     "03_chat.ipynb": 2,
+    "04_finetune.ipynb": 2,
 }
 CELL_TIMEOUT_S = 600
 
