@@ -1,0 +1,81 @@
+"""Integer weights end to end through the launchers: launch/convert.py --dtype=int8|int4
+from an FP8 release, launch/generate.py restoring onto a (1, 4, 2) mesh, and the tiny
+preset quantized at init; bad flags fail in one line."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from smallfour.checkpoint import restore as restore_lib
+from smallfour.inference.engine import Engine
+from tests import checkpoints, oracle
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+PROMPT = [1, 5, 7, 9, 11, 3]
+MESH = "--mesh=data:1,expert:4,tensor:2"
+
+
+def _run(script: str, *flags):
+  return subprocess.run([sys.executable, str(REPO / "launch" / script), *flags],
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+  root = tmp_path_factory.mktemp("quant_cli")
+  cfg = oracle.hf_config(num_hidden_layers=3, first_k_dense_replace=1, n_group=2,
+                         topk_group=1, n_shared_experts=2, eos_token_id=255)
+  checkpoints.write_native_fp8(str(root / "native"), cfg,
+                               oracle.state_dict_numpy(oracle.hf_model(cfg, seed=3)),
+                               with_tokenizer=False)
+  return root
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_convert_then_generate_on_a_mesh(release, tmp_path, dtype):
+  dst = tmp_path / dtype
+  out = _run("convert.py", f"--src={release / 'native'}", f"--dst={dst}", f"--dtype={dtype}",
+             "--group_size=16")
+  assert out.returncode == 0, out.stderr
+  meta = json.loads((dst / "smallfour_config.json").read_text())
+  assert meta["param_dtype"] == dtype and meta["quant"]["group_size"] == 16
+  out = _run("generate.py", f"--ckpt={dst}", "--prompt_ids=" + ",".join(map(str, PROMPT)),
+             "--max_new_tokens=12", "--dtype=float32", MESH,
+             f"--output_json={tmp_path / 'out.json'}")
+  assert out.returncode == 0, out.stderr
+  got = json.loads((tmp_path / "out.json").read_text())["token_ids"]
+  model = restore_lib.restore_model(str(dst), dtype="float32")
+  assert got == Engine(model, max_len=32).generate([PROMPT], 12)[0]
+
+
+def test_tiny_preset_int4_mesh_equals_one_device(tmp_path):
+  tokens = []
+  for mesh in ("--mesh=data:1,expert:1,tensor:1", MESH):
+    out = _run("generate.py", "--config=tiny", "--prompt_ids=1,5,7", "--max_new_tokens=8",
+               "--weights_dtype=int4", "--group_size=16", "--dense_dtype=bfloat16", mesh,
+               f"--output_json={tmp_path / 'out.json'}")
+    assert out.returncode == 0, out.stderr
+    tokens.append(json.loads((tmp_path / "out.json").read_text())["token_ids"])
+  assert tokens[0] == tokens[1] and len(tokens[0]) == 8
+
+
+def test_bad_flags_fail_in_one_line(release, tmp_path):
+  out = _run("generate.py", "--config=tiny", "--prompt_ids=1,5,7", "--weights_dtype=int4")
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines()[-1] == (
+      "error: --group_size=128 does not divide hidden_size=64, an input dim of the routed "
+      "experts; pick a divisor")
+  out = _run("convert.py", f"--src={release / 'native'}", f"--dst={tmp_path / 'x'}",
+             "--dtype=int4", "--group_size=64")
+  assert out.returncode != 0 and "--group_size=64 does not divide layers.1.ffn.experts." \
+      "down_proj's input dim 32" in out.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / "x").exists()
+  dst = tmp_path / "int4"
+  assert _run("convert.py", f"--src={release / 'native'}", f"--dst={dst}", "--dtype=int4",
+              "--group_size=16").returncode == 0
+  out = _run("generate.py", f"--ckpt={dst}", "--prompt_ids=1,5", "--group_size=32")
+  assert out.returncode != 0 and out.stderr.strip().splitlines()[-1].startswith(
+      f"error: {dst} was quantized with --group_size=16, not 32")
