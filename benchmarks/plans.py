@@ -20,6 +20,7 @@ from smallfour.plan import report as plan_lib
 
 _OUT = flags.DEFINE_string("out", "/tmp/plans", "Directory of the rows' JSON files.")
 _TABLE = flags.DEFINE_bool("table", False, "Only print the table from --out.")
+_ROWS = flags.DEFINE_list("rows", None, "Only these rows (their names below); default all.")
 
 K = 1024
 # Prefill is compiled for a prompt of at most PREFILL_LEN tokens: one 256K-token prefill of
@@ -30,7 +31,9 @@ ROWS = [
     ("v6e-8 fp8", "v6e:2x4", None, "fp8", 8, 32 * K),
     ("v6e-8 bf16", "v6e:2x4", None, "bfloat16", 8, 32 * K),
     ("v5p-8 bf16 B=32", "v5p:2x2x1", None, "bfloat16", 32, 32 * K),
-    ("v5e-16 fp8", "v5e:4x4", None, "fp8", 8, 32 * K),
+    # B=16: one sequence per device. At B=8 the batch does not split over 16 devices, so
+    # every device holds all 8 sequences' cache (6 GB) and it does not fit.
+    ("v5e-16 fp8", "v5e:4x4", None, "fp8", 16, 32 * K),
     ("tpu7x-8 fp8 256K", "tpu7x:2x2x1", None, "fp8", 8, 256 * K),
     ("1x H200 fp8 256K", "h200", {"data": 1, "expert": 1, "tensor": 1}, "fp8", 1, 256 * K),
     ("2x H200 bf16", "h200", {"data": 1, "expert": 2, "tensor": 1}, "bfloat16", 8, 32 * K),
@@ -43,8 +46,15 @@ def _gb(x: float | None) -> str:
   return "—" if x is None else f"{x / 1e9:.1f}"
 
 
+def _seconds(step: dict) -> str:
+  """Compile seconds of a step (also when it did not fit: XLA:TPU refused it)."""
+  seconds = (step["compiled"] or {}).get("compile_seconds", step.get("compile_seconds"))
+  return "—" if seconds is None else f"{seconds:.0f}"
+
+
 def row(name: str, plan: dict) -> str:
-  """One markdown row: fits, headroom, compiled vs counted, accessed ÷ unavoidable, ceiling."""
+  """One markdown row: fits, headroom, compiled vs counted, accessed ÷ unavoidable,
+  ceiling, compile seconds."""
   decode = plan["decode"]
   counted = decode["counted"]["weights_bytes"] + decode["counted"]["cache_bytes"]
   room = (f"{_gb(plan['headroom_bytes'])} free" if plan["fits"]
@@ -53,10 +63,16 @@ def row(name: str, plan: dict) -> str:
   compiled = "—" if step is None else _gb(step["argument_bytes"])
   ratio = decode.get("bytes_accessed_ratio")
   source = "XLA:TPU" if "compiled" in plan["source"] else "arithmetic"
+  seconds = (f"{_seconds(decode)} / {_seconds(plan['prefill'])}" if source == "XLA:TPU"
+             else "—")
   return (f"| {name} | `{plan['target']}` {plan['devices']} dev, B={plan['batch']}, "
           f"T={plan['max_len'] // K}K | {'yes' if plan['fits'] else '**no**'} | {room} | "
           f"{compiled} / {_gb(counted)} | {'—' if ratio is None else f'{ratio:.2f}'} | "
-          f"{decode['ceiling_tokens_per_s']:,.0f} | {source} |")
+          f"{decode['ceiling_tokens_per_s']:,.0f} | {seconds} | {source} |")
+
+
+def _file(name: str) -> str:
+  return name.replace(" ", "_").replace("=", "") + ".json"
 
 
 def main(argv):
@@ -65,12 +81,16 @@ def main(argv):
   os.makedirs(_OUT.value, exist_ok=True)
   cfg = configs.resolve("small4_119b")
   lines = ["| plan | target | fits | headroom (GB/device) | decode args compiled / counted "
-           "(GB) | bytes accessed ÷ unavoidable | ceiling tok/s | figures from |",
-           "|---|---|---|---|---|---|---|---|"]
+           "(GB) | bytes accessed ÷ unavoidable | ceiling tok/s | compile s (decode / "
+           "prefill) | figures from |", "|---|---|---|---|---|---|---|---|---|"]
   for name, target, mesh, weights, batch, max_len in ROWS:
-    path = os.path.join(_OUT.value, name.replace(" ", "_").replace("=", "") + ".json")
+    if _ROWS.value and name not in _ROWS.value:
+      continue
+    path = os.path.join(_OUT.value, _file(name))
     if not os.path.exists(path):
       if _TABLE.value:
+        lines.append(f"| {name} | `{target}` | not compiled yet: `python benchmarks/plans.py "
+                     f"--rows='{name}'` | | | | | | |")
         continue
       plan = plan_lib.make_plan(cfg, target, mesh=mesh, weights_dtype=weights, batch=batch,
                                 max_len=max_len, prefill_len=min(max_len, PREFILL_LEN))

@@ -45,8 +45,9 @@ def _step(analysis: dict[str, Any] | None, count: dict[str, Any], tokens: int,
   if analysis is not None:
     out.update({k: analysis[k] for k in ("compiled", "bytes_accessed", "flops")
                 if k in analysis})
-    if "out_of_memory" in analysis:
+    if "out_of_memory" in analysis:  # and how long XLA took to say so
       out["out_of_memory"] = analysis["out_of_memory"]
+      out["compile_seconds"] = round(analysis["compile_seconds"], 1)
     if out["bytes_accessed"]:
       out["bytes_accessed_ratio"] = out["bytes_accessed"] / count["unavoidable_bytes"]
   return out
