@@ -81,6 +81,26 @@ def test_tpu_plan_compiles_and_agrees_with_shapes(tmp_path):
   assert (tmp_path / "prefill.hlo").exists()
 
 
+def test_fp8_tpu_plan_holds_the_codes():
+  """FP8-resident on a TPU topology: the compiled steps take the e4m3 codes and their
+  scales (no bf16 copy among the arguments), as counted here from the abstract tree."""
+  cfg, batch, max_len = tiny(), 4, 256
+  plan = plan_lib.make_plan(cfg, "v5e:2x2", batch=batch, max_len=max_len, prefill_len=64,
+                            weights_dtype="fp8")
+  flat = summary.abstract_flat(cfg, fp8=True)
+  weights = sum(v.size * v.dtype.itemsize // (4 if "experts" in p and p[-3] == "experts"
+                                               else 1)
+                for p, v in flat.items() if p[0] != "vision")
+  _, cache, _ = expected_counts(cfg, 4, batch, max_len)
+  decode, prefill = plan["decode"], plan["prefill"]
+  assert decode["counted"] == {"weights_bytes": weights, "cache_bytes": cache}
+  assert decode["compiled"]["argument_bytes"] == pytest.approx(weights + cache, rel=0.02)
+  assert prefill["compiled"]["argument_bytes"] == pytest.approx(weights, rel=0.02)
+  bf16_weights, _, _ = expected_counts(cfg, 4, batch, max_len)
+  assert weights < bf16_weights  # (the tiny model is mostly its bf16 embedding and head)
+  assert plan["fits"] is True
+
+
 def test_tpu_plan_that_does_not_fit_is_an_answer():
   """A cache of 2^27 tokens per sequence needs ~19 GB per v5e device (16 GB): XLA:TPU
   refuses to compile, and the plan says by how much it misses."""
