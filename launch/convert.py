@@ -34,9 +34,9 @@ _GROUP_SIZE = flags.DEFINE_integer(
     "group_size", quant_lib.DEFAULT_GROUP_SIZE,
     "--dtype=int4: inputs per scale; must divide hidden_size and moe_intermediate_size.")
 _DENSE_DTYPE = flags.DEFINE_enum(
-    "dense_dtype", "int8", quant_lib.DENSE_DTYPES,
-    "--dtype=int8/int4: attention, shared experts and dense MLPs as int8 (per channel) or "
-    "left bfloat16.")
+    "dense_dtype", "bfloat16", quant_lib.DENSE_DTYPES,
+    "--dtype=int8/int4: attention, shared experts and dense MLPs left bfloat16, or int8 "
+    "per channel (0.8% fewer bytes, ~50x the KL from bf16 on the tiny fine-tuned model).")
 _SOFTMAX_SCALE = flags.DEFINE_enum(
     "softmax_scale", None, SOFTMAX_SCALE_MODES,
     "Override the softmax-scale mode the source implies: params.json's yarn.apply_scale "

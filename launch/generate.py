@@ -103,7 +103,7 @@ _GROUP_SIZE = flags.DEFINE_integer(
 _DENSE_DTYPE = flags.DEFINE_enum(
     "dense_dtype", None, quant_lib.DENSE_DTYPES,
     "int8/int4: attention and shared experts as int8 or bfloat16 (default: the checkpoint's; "
-    "int8 for --config).")
+    "bfloat16 for --config).")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None,
                                    "Write the prompt and the answer here as JSON.")
 
@@ -148,7 +148,7 @@ def _load_model(cfg: TextConfig) -> tuple[Transformer, jax.sharding.Mesh | None]
     try:
       quant = quant_lib.Quant(_WEIGHTS_DTYPE.value,
                               _GROUP_SIZE.value or quant_lib.DEFAULT_GROUP_SIZE,
-                              _DENSE_DTYPE.value or "int8")
+                              _DENSE_DTYPE.value or "bfloat16")
       quant_lib.check(cfg, quant)
     except quant_lib.QuantError as e:
       _fail(str(e))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import qwix
 import tensorstore as ts
 from flax import nnx
 
@@ -25,7 +26,7 @@ PROMPTS = [[1, 5, 7, 9, 11, 3], [3, 4]]
 TOKENS = jnp.asarray(np.random.default_rng(5).integers(0, 256, (2, 40)))
 GROUP = 16  # divides hidden_size 64 and moe_intermediate_size 32
 QUANTS = {"int8": quant.Quant("int8"), "int4": quant.Quant("int4", GROUP),
-          "int4_dense_bf16": quant.Quant("int4", GROUP, dense="bfloat16")}
+          "int4_dense_int8": quant.Quant("int4", GROUP, dense="int8")}
 
 
 def hf_cfg():
@@ -101,7 +102,7 @@ def test_int8_agrees_with_float32(converted):
   assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
 
 
-@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["int8", "int4_dense_int8"])
 def test_generation_on_a_mesh_equals_one_device(converted, name):
   """Codes and scales split over `expert` (widths and their groups over `tensor`); the
   expert-parallel MoE dequantizes inside the shard_map: the tokens of one device."""
@@ -111,7 +112,8 @@ def test_generation_on_a_mesh_equals_one_device(converted, name):
   down = sharded.layers[1].ffn.experts.down_proj
   assert down.codes.get_value().sharding.spec == jax.sharding.PartitionSpec(
       "expert", "tensor", None)
-  want_scale = ("expert", "tensor", None) if name == "int4" else ("expert", None, None)
+  want_scale = ("expert", "tensor", None) if QUANTS[name].experts == "int4" else (
+      "expert", None, None)
   assert down.scale.get_value().sharding.spec == jax.sharding.PartitionSpec(*want_scale)
   single = restore_lib.restore_model(str(root / name), dtype="float32")
   want = Engine(single, max_len=64).generate(PROMPTS, 12)
@@ -168,7 +170,9 @@ def test_refusals(converted, tmp_path):
   with pytest.raises(CheckpointError, match="stores bfloat16 weights, so weights_dtype='int4'"):
     restore_lib.restore_model(str(root / "bfloat16"), weights_dtype="int4")
   with pytest.raises(CheckpointError, match="as bfloat16, not int8"):
-    restore_lib.restore_model(str(root / "int4_dense_bf16"), dense_dtype="int8")
+    restore_lib.restore_model(str(root / "int4"), dense_dtype="int8")
+  with pytest.raises(CheckpointError, match="as int8, not bfloat16"):
+    restore_lib.restore_model(str(root / "int4_dense_int8"), dense_dtype="bfloat16")
 
 
 @pytest.mark.parametrize("qtype,group", [("int8", None), ("int4", 4)])
@@ -196,12 +200,28 @@ def ckpt_dequantize(w) -> np.ndarray:
   return codes * scale
 
 
-def test_numpy_quantization_equals_qwix():
+def test_quantization_equals_qwix_eagerly_under_jit_and_in_numpy():
+  """The same codes and scales from qwix.quantize (op by op), ours eagerly, inside a
+  larger jit, on sharded values and the converter's numpy."""
   rng = np.random.default_rng(1)
   w = (rng.standard_normal((4, 64, 32)) * rng.random((4, 1, 32))).astype(np.float32)
   w[1, :, 3] = 0  # an all-zero channel: scale 1, codes 0
   for qtype, group, dtype in (("int8", None, np.int8), ("int4", 16, ml_dtypes.int4)):
     q = quant.quantize("w", jnp.asarray(w), (1,), qtype, group)
+    tiles = {1: group} if group else {}
+    ref = qwix.quantize(jnp.asarray(w), quant.QTYPES[qtype],
+                        channelwise_axes=[0, 2], tiled_axes=tiles)
+    fused = jax.jit(lambda x: quant.quantize("w", x * 2.0, (1,), qtype, group))(
+        jnp.asarray(w / 2.0))
+    mesh = sharding.make_mesh({"data": 1, "expert": 4, "tensor": 2})
+    split = jax.device_put(jnp.asarray(w), jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("expert", None, "tensor")))
+    sharded = jax.jit(lambda x: quant.quantize("w", x, (1,), qtype, group))(split)
     codes, scale = ckpt_quant.quantize(w, q.scale.shape, dtype)
+    for other in (ref, fused, sharded):
+      np.testing.assert_array_equal(np.asarray(q.qvalue), np.asarray(other.qvalue))
+      np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(other.scale))
     np.testing.assert_array_equal(np.asarray(q.qvalue).astype(np.int8), codes.astype(np.int8))
     np.testing.assert_array_equal(np.asarray(q.scale), scale)
+
+

@@ -112,7 +112,7 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
             softmax_scale: str | None = None, kind: Literal["auto", "hf", "native"] = "auto",
             image_processor: str | None = None, progress: bool = True,
             group_size: int = quant_lib.DEFAULT_GROUP_SIZE,
-            dense_dtype: str = "int8") -> dict[str, Any]:
+            dense_dtype: str = "bfloat16") -> dict[str, Any]:
   """Converts `src` into a new checkpoint at `dst`; returns byte and time statistics.
 
   Args:
@@ -121,7 +121,7 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
       half the bytes), everything else bfloat16; the source must be FP8. "int8" / "int4":
       routed experts quantized from the float32 values (int8 per output channel, int4 in
       groups of `group_size` inputs), attention and shared/dense MLPs as `dense_dtype`
-      (int8 per channel, or bfloat16), the rest bfloat16 (nn/quant.py).
+      (bfloat16, or int8 per channel), the rest bfloat16 (nn/quant.py).
     softmax_scale: overrides the mode the source implies ("plain"/"hf_mscale_fold"):
       params.json's yarn.apply_scale when it is there, else config.json's transformers
       semantics (`config_files.read_release_dir`).
