@@ -32,7 +32,7 @@ ROWS = [
     ("v6e-8 bf16", "v6e:2x4", None, "bfloat16", 8, 32 * K),
     ("v5p-8 bf16 B=32", "v5p:2x2x1", None, "bfloat16", 32, 32 * K),
     # B=16: one sequence per device. At B=8 the batch does not split over 16 devices, so
-    # every device holds all 8 sequences' cache (6 GB) and it does not fit.
+    # every device holds all 8 sequences' cache (6 GB) and even decode does not fit.
     ("v5e-16 fp8", "v5e:4x4", None, "fp8", 16, 32 * K),
     ("tpu7x-8 fp8 256K", "tpu7x:2x2x1", None, "fp8", 8, 256 * K),
     ("1x H200 fp8 256K", "h200", {"data": 1, "expert": 1, "tensor": 1}, "fp8", 1, 256 * K),
