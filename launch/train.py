@@ -10,7 +10,8 @@ Each line of --data is a request object ({"messages": [...], "tools"?, "reasonin
 ending with the assistant turn it teaches; only assistant tokens are trained on (the mask
 comes from mistral-common's encoding, smallfour.chat). Rerunning the same command with a
 larger --steps resumes from the latest checkpoint in --out. After the last step --out
-also holds the merged model as a regular checkpoint, with its tekken.json.
+also holds the merged model as a regular checkpoint, with its tekken.json (--noexport
+skips it; the same command run again later trains nothing and exports).
 """
 
 import json
@@ -75,6 +76,9 @@ _AUX = flags.DEFINE_float("aux_loss_coef", 0.0,
 _BAD_LINES = flags.DEFINE_enum("bad_lines", "refuse", data.ON_BAD_LINE,
                                "A malformed --data line stops the run, or is skipped with a "
                                "warning.")
+_EXPORT = flags.DEFINE_bool("export", True,
+                            "After the last step, write the merged model into --out as a "
+                            "regular checkpoint (rerun the same command to export later).")
 _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 100,
                                          "Save a checkpoint every this many steps (and at "
                                          "the last).")
@@ -155,7 +159,7 @@ def main(argv):
                                 warmup_steps=_WARMUP.value, decay_steps=_DECAY.value),
       step=StepConfig(aux_loss_coef=_AUX.value), lora=lora, trainable=_TRAINABLE.value,
       on_bad_line=_BAD_LINES.value, checkpoint_every=_CHECKPOINT_EVERY.value,
-      metrics=_METRICS.value)
+      metrics=_METRICS.value, export=_EXPORT.value)
   mesh = _mesh(cfg)
   try:
     history = loop.train(lambda: _model(cfg, mesh), cfg, tok, run, mesh=mesh, base=_base(),

@@ -84,10 +84,14 @@ def test_resuming_equals_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_changed_run_is_not_resumed(tmp_path):
+def test_a_changed_run_is_not_resumed_and_a_finished_one_exports(tmp_path):
   _train(_config(tmp_path, tmp_path / "run", 1, export=False))
+  assert not (tmp_path / "run" / "params").exists()
   with pytest.raises(loop.RunError, match="batch_size: 2 then, 3 now"):
     _train(_config(tmp_path, tmp_path / "run", 2, batch_size=3))
+  # The same command again trains nothing and writes the merged model.
+  assert _train(_config(tmp_path, tmp_path / "run", 1)) == []
+  restore.restore_model(str(tmp_path / "run"))
 
 
 def _cli(*flags):
