@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from smallfour import configs, summary
-from smallfour.plan import compiled, hardware
+from smallfour.plan import compiled, hardware, hlo
 from smallfour.plan import report as plan_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,6 +110,41 @@ def test_tpu_plan_that_does_not_fit_is_an_answer():
   oom = plan["decode"]["out_of_memory"]
   assert oom["needed_bytes"] > oom["available_bytes"] == pytest.approx(15.75 * 2**30)
   assert plan["missing_bytes"] >= oom["needed_bytes"] - oom["available_bytes"]
+
+
+_HLO = """HloModule m
+
+%relayout (p: f8e4m3fn[16,64,32]) -> f8e4m3fn[16,64,32] {
+  %p = f8e4m3fn[16,64,32]{2,1,0:T(32,128)(4,1)} parameter(0)
+  ROOT %c = f8e4m3fn[16,64,32]{2,1,0:T(8,128)(4,1)} copy(%p)
+}
+
+%fused (a: f8e4m3fn[16,64,32], i: s32[]) -> bf16[1,64,32] {
+  %a = f8e4m3fn[16,64,32]{2,1,0} parameter(0)
+  %r = f8e4m3fn[16,64,32]{2,1,0} fusion(%a), kind=kLoop, calls=%relayout
+  %i = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %s = f8e4m3fn[1,64,32]{2,1,0} dynamic-slice(%r, %i, %z, %z), dynamic_slice_sizes={1,64,32}
+  ROOT %v = bf16[1,64,32]{2,1,0} convert(%s)
+}
+
+ENTRY %main (w: f8e4m3fn[16,64,32], i: s32[], x: s8[4096]) -> bf16[1,64,32] {
+  %w = f8e4m3fn[16,64,32]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %x = s8[4096]{0} parameter(2)
+  %ss = ((s8[4096]{0}), s8[1024]{0:S(1)}, s32[]{:S(2)}) slice-start(%x), slice={[0:1024]}
+  %sd = s8[1024]{0:S(1)} slice-done(%ss)
+  ROOT %f = bf16[1,64,32]{2,1,0} fusion(%w, %i), kind=kLoop, calls=%fused
+}
+"""
+
+
+def test_hlo_bytes_of_slices():
+  """hlo.top_ops counts what XLA:TPU's fusions and async slices move: an expert sliced
+  out of FP8 codes that are first relayouted (a nested copy fusion) reads the slice, not
+  all experts; an async slice into on-chip memory moves the slice, its done half nothing."""
+  rows = {r["where"].split(" ")[0]: r["bytes"] for r in hlo.top_ops(_HLO)}
+  assert rows == {"fusion": 64 * 32 + 4 + 2 * 64 * 32, "slice-start": 2 * 1024}
 
 
 def test_out_of_memory_messages():

@@ -22,7 +22,7 @@ _COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{$")
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
          "conditional", "call", "copy-done", "after-all", "partition-id", "replica-id",
          "all-gather-done", "all-reduce-done", "collective-permute-done", "async-done",
-         "opt-barrier", "send-done", "recv-done"}
+         "opt-barrier", "send-done", "recv-done", "slice-done"}
 
 
 def shape_bytes(shape: str) -> int:
@@ -87,6 +87,13 @@ _IN_PLACE = {"dynamic-update-slice": 1, "scatter": 2}  # opcode -> operand index
 _VIEWS = {"bitcast", "reshape"}
 
 
+def _relayout(ops: list[_Op]) -> bool:
+  """A nested fusion that only copies its one operand into another layout: inside the
+  fusion that holds it, read as a view (XLA:TPU relayouts FP8 codes this way before a
+  dynamic slice, which still reads only the slice)."""
+  return (len(ops) == 2 and any(op.root and op.opcode in ("copy", *_VIEWS) for op in ops))
+
+
 def _fusion_bytes(computations: dict[str, list[_Op]], fused: str,
                   operand_bytes: list[int]) -> int:
   """Bytes a fusion moves, counted as XLA's cost analysis does: an operand only sliced
@@ -105,7 +112,8 @@ def _fusion_bytes(computations: dict[str, list[_Op]], fused: str,
         if operand != name:
           continue
         nested = re.search(r"calls=%([\w.\-]+)", user.attributes)
-        if user.opcode in _VIEWS:
+        if user.opcode in _VIEWS or (user.opcode == "fusion" and nested
+                                     and _relayout(computations[nested.group(1)])):
           total += read_value(ops, user.name, full)
         elif user.opcode == "fusion" and nested:
           total += read(nested.group(1), i, full)
@@ -126,6 +134,20 @@ def _fusion_bytes(computations: dict[str, list[_Op]], fused: str,
     else:
       moved += shape_bytes(out.shape)
   return moved
+
+
+def _tuple_element(shape: str, index: int) -> str:
+  """The `index`-th top-level element of a tuple shape string `(a, (b, c), d)`."""
+  depth, start, parts = 0, 1, []
+  for i, ch in enumerate(shape):  # dims [..] and layouts {..} hold commas too
+    if ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    if (ch == "," and depth == 1) or (ch == ")" and depth == 0):
+      parts.append(shape[start:i].strip())
+      start = i + 1
+  return parts[index] if index < len(parts) else ""
 
 
 def top_ops(text: str, count: int = 20) -> list[dict]:
@@ -162,6 +184,8 @@ def top_ops(text: str, count: int = 20) -> list[dict]:
         moved = 2 * operand_bytes[_IN_PLACE[op.opcode]]
       elif op.opcode in _SLICES:
         moved = 2 * shape_bytes(op.shape)
+      elif op.opcode == "slice-start":  # ((source), slice, context): reads and writes the slice
+        moved = 2 * shape_bytes(_tuple_element(op.shape, 1))
       elif op.opcode.endswith("-start"):  # result (destination, source, context): one copy
         moved = 2 * sum(operand_bytes)
       else:
