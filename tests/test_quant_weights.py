@@ -77,8 +77,11 @@ def test_converted_equals_qwix_on_the_float32_weights(converted, name):
   experts = restored.layers[1].ffn.experts
   assert isinstance(experts.down_proj, quant.QuantWeight)
   assert experts.down_proj.codes[...].dtype == quant.QTYPES[q.experts]
-  want_scale = (8, 32 // GROUP, 64) if q.experts == "int4" else (8, 1, 64)
-  assert experts.down_proj.scale[...].shape == want_scale
+  int4 = q.experts == "int4"  # groups held as an axis: [E, F/g, g, D] codes
+  assert experts.down_proj.codes[...].shape == ((8, 32 // GROUP, GROUP, 64) if int4
+                                                else (8, 32, 64))
+  assert experts.down_proj.scale[...].shape == ((8, 32 // GROUP, 1, 64) if int4
+                                                else (8, 1, 64))
   attn = restored.layers[0].attn.q_a_proj
   assert isinstance(attn, quant.QuantWeight) == (q.dense == "int8")
   assert isinstance(restored.layers[1].ffn.router.kernel, nnx.Param)  # router stays
@@ -110,11 +113,11 @@ def test_generation_on_a_mesh_equals_one_device(converted, name):
   mesh = sharding.make_mesh({"data": 1, "expert": 4, "tensor": 2})
   sharded = restore_lib.restore_model(str(root / name), mesh=mesh, dtype="float32")
   down = sharded.layers[1].ffn.experts.down_proj
+  int4 = QUANTS[name].experts == "int4"  # whole groups of F on each `tensor` shard
   assert down.codes.get_value().sharding.spec == jax.sharding.PartitionSpec(
-      "expert", "tensor", None)
-  want_scale = ("expert", "tensor", None) if QUANTS[name].experts == "int4" else (
-      "expert", None, None)
-  assert down.scale.get_value().sharding.spec == jax.sharding.PartitionSpec(*want_scale)
+      "expert", "tensor", None, *([None] if int4 else []))
+  assert down.scale.get_value().sharding.spec == jax.sharding.PartitionSpec(
+      "expert", "tensor" if int4 else None, None, *([None] if int4 else []))
   single = restore_lib.restore_model(str(root / name), dtype="float32")
   want = Engine(single, max_len=64).generate(PROMPTS, 12)
   assert Engine(sharded, max_len=64, mesh=mesh).generate(PROMPTS, 12) == want
@@ -186,18 +189,14 @@ def test_kernels_on_integer_experts_equal_them_on_dequantized_ones(kernel, qtype
   weights = jnp.asarray(rng.random((n, k)), jnp.float32)
   ids = jnp.asarray(rng.integers(-1, e + 1, (n, k)), jnp.int32)  # foreign ids included
   run = jax.jit(moe_kernels.KERNELS[kernel])
-  dequantized = [jnp.asarray(ckpt_dequantize(w)) for w in stacked]
+  dequantized = [jnp.asarray(ckpt_dequantize(w)).reshape(w.shape) for w in stacked]
   np.testing.assert_array_equal(run(*stacked, x, weights, ids),
                                 run(*dequantized, x, weights, ids))
 
 
 def ckpt_dequantize(w) -> np.ndarray:
-  """float32(code) · scale, broadcast over each group, in numpy."""
-  codes = np.asarray(w.qvalue).astype(np.float32)
-  scale = np.asarray(w.scale)
-  for axis, (c, s) in enumerate(zip(codes.shape, scale.shape)):
-    scale = np.repeat(scale, c // s, axis=axis)
-  return codes * scale
+  """float32(code) · scale in numpy, in the held layout."""
+  return np.asarray(w.codes).astype(np.float32) * np.asarray(w.scale)
 
 
 def test_quantization_equals_qwix_eagerly_under_jit_and_in_numpy():
@@ -217,11 +216,14 @@ def test_quantization_equals_qwix_eagerly_under_jit_and_in_numpy():
     split = jax.device_put(jnp.asarray(w), jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec("expert", None, "tensor")))
     sharded = jax.jit(lambda x: quant.quantize("w", x, (1,), qtype, group))(split)
-    codes, scale = ckpt_quant.quantize(w, q.scale.shape, dtype)
-    for other in (ref, fused, sharded):
-      np.testing.assert_array_equal(np.asarray(q.qvalue), np.asarray(other.qvalue))
+    logical = lambda a: np.asarray(a.codes).reshape(w.shape)  # noqa: E731
+    np.testing.assert_array_equal(logical(q), np.asarray(ref.qvalue))
+    np.testing.assert_array_equal(np.asarray(q.scale).reshape(ref.scale.shape), ref.scale)
+    for other in (fused, sharded):
+      np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(other.codes))
       np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(other.scale))
-    np.testing.assert_array_equal(np.asarray(q.qvalue).astype(np.int8), codes.astype(np.int8))
+    codes, scale = ckpt_quant.quantize(w.reshape(q.codes.shape), q.scale.shape, dtype)
+    np.testing.assert_array_equal(np.asarray(q.codes).astype(np.int8), codes.astype(np.int8))
     np.testing.assert_array_equal(np.asarray(q.scale), scale)
 
 

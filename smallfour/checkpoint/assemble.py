@@ -110,8 +110,9 @@ def build_params(maps: Iterable[TensorMap], source: TensorSource,
     cut = slice(None) if m.write_index is None else slice(1, None)
     shape, scale_shape = tuple(var.shape[cut]), tuple(scale_var.shape[cut])
     value = m.build(*[source.read(name, m.read_index, np.float32) for name in m.sources])
-    if tuple(value.shape) != shape:
-      raise AssertionError(f"{m.sources} -> {m.path}: {value.shape} != {shape}")
+    if value.size != np.prod(shape):
+      raise AssertionError(f"{m.sources} -> {m.path}: {value.shape} does not fill {shape}")
+    value = value.reshape(shape)  # group-wise codes hold their groups as an axis
     if m.write_index is None:
       out[_codes(m.path)], out[_scale(m.path)] = quant.quantize(
           value, scale_shape, var.dtype, empty(shape, np.dtype(var.dtype)))

@@ -9,8 +9,9 @@ float32 values (tests/test_quant_convert.py checks it bit for bit). Numpy, not q
 because the converter streams numpy buffers one parameter (or one expert) at a time on
 the host: a JAX round trip per expert slice would copy it to a device and back for
 nothing. Which layout a parameter gets (per channel or group-wise) is read off its
-abstract codes and scale shapes: a scale axis of size 1 is reduced whole, one of the
-codes' size is per channel, one in between is groups of codes_dim / scale_dim.
+abstract codes and scale shapes (`nn.quant.Layout`: group-wise codes hold their groups
+as an axis): a scale axis of size 1 is reduced whole, one of the codes' size is per
+channel (one in between would be groups of codes_dim / scale_dim).
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import qwix
 
 from jax.sharding import PartitionSpec as P
 
@@ -80,9 +79,8 @@ def routed_experts(gate: moe_kernels.Weight, up: moe_kernels.Weight,
 
   def weight_spec(w, axes):
     spec = sharding.logical_spec(axes)
-    if isinstance(w, qwix.QArray):  # integer codes; the scale is split where it varies
-      return w.replace(qvalue=spec, scale=P(*(
-          a if n > 1 else None for a, n in zip(spec, w.scale.shape))))
+    if hasattr(w, "partition_spec"):  # integer codes and scales (quant.IntArray)
+      return w.partition_spec(spec)
     return fp8.Fp8Array(spec, P(spec[0])) if isinstance(w, fp8.Fp8Array) else spec
 
   in_spec, out_spec = weight_spec(gate, IN_WEIGHT_AXES), weight_spec(down, OUT_WEIGHT_AXES)

@@ -17,7 +17,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import qwix
 from flax import nnx
 
 E4M3 = jnp.float8_e4m3fn
@@ -53,12 +52,10 @@ class Fp8Array:
     return (self.codes.astype(jnp.float32) * scale).astype(dtype)
 
 
-def dense(w: jax.Array | Fp8Array | qwix.QArray, dtype: jnp.dtype) -> jax.Array:
-  """`w` as an array: an Fp8Array or integer QArray (nn/quant.py) dequantized to `dtype`,
+def dense(w, dtype: jnp.dtype) -> jax.Array:
+  """`w` as an array: an Fp8Array or an integer `quant.IntArray` dequantized to `dtype`,
   an array as it is."""
-  if isinstance(w, qwix.QArray):
-    return qwix.dequantize(w).astype(dtype)
-  return w.dequantize(dtype) if isinstance(w, Fp8Array) else w
+  return w.dequantize(dtype) if hasattr(w, "dequantize") else w
 
 
 def quantize(w: jax.Array, scale_axes: int = 0) -> Fp8Array:
@@ -93,7 +90,7 @@ class Fp8Weight(nnx.Module):
     return self.packed().dequantize(self.dtype)[index]
 
 
-def packed(w) -> jax.Array | Fp8Array | qwix.QArray:
+def packed(w) -> jax.Array | Fp8Array:
   """A parameter's value as the kernels take it: an array, or the codes and scales
   (an `Fp8Weight`, or a `quant.QuantWeight`)."""
   return w.packed() if hasattr(w, "packed") else w[...]

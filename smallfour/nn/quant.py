@@ -10,17 +10,19 @@ model's bf16 bytes (int8 experts: 0.507 -> 0.515 of bf16; int4 g128: 0.279 -> 0.
 the activation dtype: the router picks experts from small logit gaps, and the embedding
 and head are per-token lookups and the vocabulary projection, 1.4% of the bytes.
 
-qwix holds and computes the numbers: a weight is a `qwix.QArray` (codes + a scale of the
-same rank, broadcast over each group), dequantized by `qwix.dequantize`, `float32(code) ·
-scale`, then cast to the activation dtype inside the expression that consumes it, so XLA
-fuses the conversion into the matmul's operand and no whole bf16 copy of a weight exists.
+qwix computes the numbers: a weight's codes and scale (of the codes' rank, broadcast over
+each group) are dequantized by `qwix.dequantize`, `float32(code) · scale`, then cast to
+the activation dtype inside the expression that consumes it, so XLA fuses the conversion
+into the matmul's operand and no whole bf16 copy of a weight exists (group-wise codes are
+held with their groups as an axis for that, see `Layout`).
 Quantizing follows `qwix.quantize`'s arithmetic (symmetric absmax, round half to even)
 in a form whose rounding XLA cannot move (`quantize`). What is ours besides: which
 tensors get which rule (`rule`), and placing the integer weights in an already built
 model (`apply`), whose layers then read them through `QuantWeight` like any parameter. qwix's own model quantization (`qwix.quantize_model`) intercepts the
 einsums a module calls; ours run inside custom MoE kernels and `shard_map`, where the
-weights themselves must be the quantized arrays. Its `ragged_dot` on a bf16 × QArray pair
-dequantizes the weight first, as `fp8.dense` does, so the kernels keep one path.
+weights themselves must be the quantized arrays (`IntArray`, indexed per expert like
+`fp8.Fp8Array`). Its `ragged_dot` on a bf16 × QArray pair dequantizes the weight first,
+as `fp8.dense` does, so the kernels keep one path.
 
 Names: a weight's "input axes" are the ones its matmuls contract (the fan-in); a scale
 has size 1 there (per channel) or dim / group_size (group-wise), and the weight's size on
@@ -114,47 +116,104 @@ def rule(quant: Quant, role: str) -> tuple[str, int | None] | None:
                    "attention and shared/dense MLP weights are quantized")
 
 
-def scale_shape(name: str, shape: Sequence[int], input_axes: Sequence[int],
-                group: int | None) -> tuple[int, ...]:
-  """The scale of weight `name` [*shape]: 1 on its input axes (per channel), or
-  dim / group on its one input axis (group-wise); its own size elsewhere."""
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How a weight of logical shape [*S] is held: codes [*C] and a scale [*K] of C's rank.
+
+  Per channel, C = S and K has size 1 on the input axes. Group-wise, the one input axis
+  d is held split as (d / group, group) at `group_axis`, K having size 1 on the second:
+  on TPU a reshape of int4 codes is a relayout XLA does not fuse (measured: x @ dequant(w)
+  for a [4096, 8192] weight kept a 134 MB float32 copy with [D, F] codes, none with
+  [D/g, g, F] ones), while merging the dequantized axes afterwards fuses into the dot.
+  """
+
+  codes: tuple[int, ...]
+  scale: tuple[int, ...]
+  group_axis: int | None = None
+
+
+def layout(name: str, shape: Sequence[int], input_axes: Sequence[int],
+           group: int | None) -> Layout:
+  """The held layout of weight `name` [*shape] (see `Layout`)."""
   axes = {a % len(shape) for a in input_axes}
-  if group is not None:
-    if len(axes) != 1:
-      raise QuantError(f"{name}: group-wise scales need one input axis, it has {sorted(axes)}")
-    (axis,) = axes
-    if shape[axis] % group:
-      raise QuantError(f"--group_size={group} does not divide {name}'s input dim "
-                       f"{shape[axis]} (axis {axis} of {tuple(shape)}); pick a divisor")
-  return tuple((d // group if group else 1) if i in axes else d for i, d in enumerate(shape))
+  if group is None:
+    return Layout(tuple(shape), tuple(1 if i in axes else d for i, d in enumerate(shape)))
+  if len(axes) != 1:
+    raise QuantError(f"{name}: group-wise scales need one input axis, it has {sorted(axes)}")
+  (axis,) = axes
+  if shape[axis] % group:
+    raise QuantError(f"--group_size={group} does not divide {name}'s input dim "
+                     f"{shape[axis]} (axis {axis} of {tuple(shape)}); pick a divisor")
+  split = (*shape[:axis], shape[axis] // group, group, *shape[axis + 1:])
+  return Layout(split, tuple(1 if i == axis + 1 else d for i, d in enumerate(split)), axis)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class IntArray:
+  """A weight as integer `codes` and float32 `scale` in a `Layout`, as the kernels take it.
+
+  codes: [*C] int8 | int4; scale: [*K] float32. Indexing one leading axis (an expert id,
+  or an array of them) selects from both, so `experts[e]` or `experts[ids]` pick experts
+  without dequantizing the others.
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+  group_axis: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The logical shape (group axes merged)."""
+    s, g = self.codes.shape, self.group_axis
+    return s if g is None else (*s[:g], s[g] * s[g + 1], *s[g + 2:])
+
+  def __getitem__(self, index) -> "IntArray":
+    g = self.group_axis
+    return IntArray(self.codes[index], self.scale[index],
+                    None if g is None else g - 1 + jnp.ndim(index))
+
+  def dequantize(self, dtype: jnp.dtype) -> jax.Array:
+    """`dtype(float32(codes) · scale)` (qwix.dequantize), in the logical shape."""
+    w = qwix.dequantize(qwix.QArray(self.codes, self.scale)).astype(dtype)
+    return w.reshape(self.shape)
+
+  def partition_spec(self, spec: jax.sharding.PartitionSpec) -> "IntArray":
+    """Specs of codes and scale from the logical weight's `spec` (a prefix pytree)."""
+    names = tuple(spec) + (None,) * (len(self.shape) - len(spec))
+    if self.group_axis is not None:
+      names = (*names[:self.group_axis + 1], None, *names[self.group_axis + 1:])
+    return IntArray(jax.sharding.PartitionSpec(*names),
+                    jax.sharding.PartitionSpec(*scale_axes(names, self.scale.shape)),
+                    self.group_axis)
 
 
 def quantize(name: str, w: jax.Array, input_axes: Sequence[int], qtype: str,
-             group: int | None) -> qwix.QArray:
-  """Symmetric absmax quantization of `w` [*S] in float32 -> QArray (codes [*S], scale).
+             group: int | None) -> IntArray:
+  """Symmetric absmax quantization of `w` [*S] in float32 -> codes and scale (`layout`).
 
   qwix's arithmetic (`qwix.quantize`: scale = absmax / (qmax + 0.5), 1 for an all-zero
   group, codes = round-half-to-even(w / scale)), written with the divisions as the
   products XLA turns them into when it runs qwix op by op: absmax · float32(1 / (qmax +
-  0.5)) and w · (1 / scale). Inside a larger jit (a sharded init) XLA would otherwise
-  simplify qwix's divisions differently and move codes sitting on a rounding boundary,
-  so a model quantized eagerly, under `jit` or by the converter (checkpoint/quant.py)
-  would not hold the same codes; products are rounded once, wherever they run.
+  0.5)) and w · (1 / scale). Inside a larger jit XLA would otherwise simplify qwix's
+  divisions differently and move codes sitting on a rounding boundary, so a model
+  quantized eagerly, under `jit` or by the converter (checkpoint/quant.py) would not hold
+  the same codes; products are rounded once, wherever they run.
   """
-  scales = scale_shape(name, w.shape, input_axes, group)
-  split = [d for size, s in zip(w.shape, scales) for d in (s, size // s)]
+  held = layout(name, w.shape, input_axes, group)
+  split = [d for c, k in zip(held.codes, held.scale) for d in (k, c // k)]
   grouped = w.astype(jnp.float32).reshape(split)
   qmax = jnp.iinfo(QTYPES[qtype]).max
-  absmax = jnp.max(jnp.abs(grouped), axis=tuple(range(1, 2 * w.ndim, 2)), keepdims=True)
+  absmax = jnp.max(jnp.abs(grouped), axis=tuple(range(1, len(split), 2)), keepdims=True)
   scale = absmax * jnp.float32(1 / (qmax + 0.5))
   scale = jnp.where(scale < jnp.sqrt(jnp.finfo(jnp.float32).tiny), 1.0, scale)
   codes = jnp.clip(jnp.round(grouped * (1 / scale)), -qmax - 1, qmax)
-  return qwix.QArray(codes.astype(QTYPES[qtype]).reshape(w.shape), scale.reshape(scales),
-                     qtype=QTYPES[qtype])
+  return IntArray(codes.astype(QTYPES[qtype]).reshape(held.codes), scale.reshape(held.scale),
+                  held.group_axis)
 
 
 def scale_axes(axes: Sequence[str | None], scale: Sequence[int]) -> tuple[str | None, ...]:
-  """Logical axes of a scale: the weight's, none where the scale has size 1 (so a
+  """Logical axes of a scale: the codes', none where the scale has size 1 (so a
   per-channel scale is split with its channels and a group scale with its groups)."""
   return tuple(a if s > 1 else None for a, s in zip(axes, scale))
 
@@ -163,20 +222,22 @@ class QuantWeight(nnx.Module):
   """A weight held as integer `codes` plus float32 `scale`; `w[...]` dequantizes it.
 
   Stands in for an `nnx.Param` in the layers, which read it the same way; the routed
-  expert kernels take the QArray itself (`packed()`, via `fp8.packed`) and dequantize
-  the experts they use.
+  expert kernels take the `IntArray` itself (`packed()`, via `fp8.packed`) and
+  dequantize the experts they use.
   """
 
-  def __init__(self, codes: nnx.Param, scale: nnx.Param, dtype: jnp.dtype):
+  def __init__(self, codes: nnx.Param, scale: nnx.Param, dtype: jnp.dtype,
+               group_axis: int | None):
     self.codes = codes
     self.scale = scale
     self.dtype = jnp.dtype(dtype)  # the dequantized (= activation) dtype
+    self.group_axis = group_axis
 
-  def packed(self) -> qwix.QArray:
-    return qwix.QArray(self.codes[...], self.scale[...])
+  def packed(self) -> IntArray:
+    return IntArray(self.codes[...], self.scale[...], self.group_axis)
 
   def __getitem__(self, index) -> jax.Array:
-    return fp8.dense(self.packed(), self.dtype)[index]
+    return self.packed().dequantize(self.dtype)[index]
 
 
 def _replace(module: nnx.Module, names: dict[str, tuple[int, ...]], where: str,
@@ -190,10 +251,11 @@ def _replace(module: nnx.Module, names: dict[str, tuple[int, ...]], where: str,
     value = param[...]
     q = quantize(f"{where}.{name}", value, input_axes, qtype, group)
     axes = param.get_metadata().get("out_sharding") or (None,) * value.ndim
+    spec = q.partition_spec(jax.sharding.PartitionSpec(*axes))
     setattr(module, name, QuantWeight(
-        nnx.Param(q.qvalue, out_sharding=tuple(axes), eager_sharding=False),
-        nnx.Param(q.scale, out_sharding=scale_axes(axes, q.scale.shape),
-                  eager_sharding=False), value.dtype))
+        nnx.Param(q.codes, out_sharding=tuple(spec.codes), eager_sharding=False),
+        nnx.Param(q.scale, out_sharding=tuple(spec.scale), eager_sharding=False),
+        value.dtype, q.group_axis))
 
 
 def apply(model: nnx.Module, quant: Quant) -> nnx.Module:
