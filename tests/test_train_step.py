@@ -3,11 +3,16 @@ oracle's, chunked attention's gradient equals the plain masked attention's, the 
 its gradient equal a full-logits computation; the sharded step equals the single-device
 one; LoRA on a frozen base trains only its adapters and merges exactly."""
 
+import contextlib
+import io
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from smallfour import configs, sharding
 from smallfour.nn import moe, moe_kernels
@@ -92,6 +97,35 @@ def test_chunked_attention_gradients_equal_plain_attention():
   got = grads(lambda a, x: forward.attend(a, x, pos, valid, 8))  # 4 chunks
   for u, v in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_allclose(v, u, atol=2e-5, rtol=1e-5)
+
+
+def test_the_backward_keeps_only_block_boundaries():
+  """Per-block remat and chunked attention and loss: besides the weights, the forward
+  keeps one [B, S, D] array per block boundary (and [B, S]-sized tables) for the
+  backward; no attention scores (a chunk's are 2x that) and no logits (2x as well)."""
+  model = Transformer(CFG, rngs=nnx.Rngs(0))
+  b, s, chunk = 2, 128, 32
+  batch = {k: jnp.asarray(v[:b, :s]) for k, v in _batch(b=4, s=s).items()}
+  graphdef, state = nnx.split(model)
+
+  def objective(state):
+    m = nnx.merge(graphdef, state)
+    h, _ = forward.hidden_states(m, batch["tokens"], batch["valid"], chunk)
+    return loss.masked_mean(loss.token_losses(m, h, batch["targets"], chunk),
+                            batch["loss_mask"])
+
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    print_saved_residuals(objective, state)
+  sizes = [int(np.prod([int(d) for d in dims.split(",") if d]))
+           for line in printed.getvalue().splitlines()
+           if "from a constant" not in line and "from the argument" not in line
+           for dims in re.findall(r"^\w+\[([0-9,]*)\]", line)]
+  bsd = b * s * CFG.hidden_size
+  assert sizes and max(sizes) <= bsd, sorted(sizes)[-5:]
+  # The embeddings, the output of every block but the last, and the last one as the
+  # loss's chunks.
+  assert sizes.count(bsd) == CFG.num_layers + 1
 
 
 def _nll_reference(logits, targets, mask):
