@@ -22,13 +22,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import json  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from smallfour import configs  # noqa: E402
 from smallfour import sharding, summary  # noqa: E402
-from smallfour.inference.cache import LATENT_AXES  # noqa: E402
+from smallfour.plan import counts  # noqa: E402
 from smallfour.inference.engine import Engine  # noqa: E402
 from smallfour.nn.decoder import Transformer  # noqa: E402
 
@@ -47,19 +46,14 @@ MESHES = [
 ]
 
 
-def param_bytes_per_device(cfg, mesh, dtype=jnp.bfloat16) -> int:
-  state = summary.abstract_params(cfg, dtype)
-  shardings = sharding.named_shardings(state, mesh)
-  total = 0
-  for (_, var), (_, s) in zip(nnx.to_flat_state(state), nnx.to_flat_state(shardings)):
-    total += int(np.prod(s.get_value().shard_shape(var.shape))) * jnp.dtype(dtype).itemsize
-  return total
+def weight_bytes_per_device(cfg, sizes: dict[str, int]) -> counts.WeightBytes:
+  """Parameter bytes one device holds by role (bf16), from the rule table's shard shapes."""
+  return counts.weight_bytes(summary.abstract_params(cfg, jnp.bfloat16), sizes)
 
 
-def cache_bytes_per_device(cfg, mesh, batch, context, dtype=jnp.bfloat16) -> int:
-  shape = (cfg.num_layers, batch, context, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-  spec = sharding.logical_sharding(LATENT_AXES, shape, mesh)
-  return int(np.prod(spec.shard_shape(shape))) * jnp.dtype(dtype).itemsize
+def cache_bytes_per_device(cfg, sizes: dict[str, int], batch: int, context: int) -> int:
+  """The latent cache (with its sink position) one device holds, bf16."""
+  return counts.cache_bytes(cfg, sizes, batch, context, jnp.dtype(jnp.bfloat16).itemsize)
 
 
 def main(argv):
@@ -67,23 +61,29 @@ def main(argv):
   cfg = configs.resolve("small4_119b")
   rows = []
   print(f"small4_119b, bf16 weights and cache, batch {_BATCH.value}, context {_CONTEXT.value}")
-  print(f"{'hardware':24} {'mesh':28} {'weights GB':>10} {'cache GB':>9} {'left GB':>8}")
+  print(f"{'hardware':24} {'mesh':28} {'weights GB':>10} {'vision GB':>9} {'cache GB':>9} "
+        f"{'left GB':>8}")
   for name, spec, hbm in MESHES:
-    mesh = sharding.make_mesh(sharding.parse_mesh(spec), cfg)
-    weights = param_bytes_per_device(cfg, mesh)
-    cache = cache_bytes_per_device(cfg, mesh, _BATCH.value, _CONTEXT.value)
-    left = hbm * 1e9 - weights - cache
-    rows.append(dict(hardware=name, mesh=spec, weights_gb=weights / 1e9, cache_gb=cache / 1e9,
-                     left_gb=left / 1e9))
-    print(f"{name:24} {spec:28} {weights / 1e9:10.1f} {cache / 1e9:9.2f} {left / 1e9:8.1f}")
+    sizes = sharding.parse_mesh(spec)
+    weights = weight_bytes_per_device(cfg, sizes)
+    text = weights.total - weights.vision
+    cache = cache_bytes_per_device(cfg, sizes, _BATCH.value, _CONTEXT.value)
+    left = hbm * 1e9 - weights.total - cache
+    rows.append(dict(hardware=name, mesh=spec, weights_gb=text / 1e9,
+                     vision_gb=weights.vision / 1e9, cache_gb=cache / 1e9, left_gb=left / 1e9))
+    print(f"{name:24} {spec:28} {text / 1e9:10.1f} {weights.vision / 1e9:9.2f} "
+          f"{cache / 1e9:9.2f} {left / 1e9:8.1f}")
   if _CHECK.value:
-    mesh = sharding.make_mesh(sharding.parse_mesh("data:1,expert:8,tensor:1"), cfg)
+    sizes = sharding.parse_mesh("data:1,expert:8,tensor:1")
+    mesh = sharding.make_mesh(sizes, cfg)
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0),
                                                param_dtype=jnp.bfloat16))
     engine = Engine(model, max_len=_CONTEXT.value, mesh=mesh)
     stats = engine.lower_step(_BATCH.value).compile().memory_analysis()
-    want = (param_bytes_per_device(cfg, mesh) +
-            cache_bytes_per_device(cfg, mesh, _BATCH.value, _CONTEXT.value))
+    weights = weight_bytes_per_device(cfg, sizes)
+    # The step takes the text weights; the vision encoder's are held beside it.
+    want = (weights.total - weights.vision +
+            cache_bytes_per_device(cfg, sizes, _BATCH.value, _CONTEXT.value))
     print(f"compiled (1,8,1) decode step: arguments {stats.argument_size_in_bytes / 1e9:.2f} GB "
           f"(table: weights + cache {want / 1e9:.2f} GB; + tokens/flags/key), "
           f"XLA:CPU temp {stats.temp_size_in_bytes / 1e9:.2f} GB")
