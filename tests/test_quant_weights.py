@@ -21,6 +21,7 @@ from smallfour.checkpoint.layout import CheckpointError
 from smallfour.inference.engine import Engine
 from smallfour.nn import moe_kernels, quant
 from tests import checkpoints, oracle
+from tests.test_fp8_weights import write_hf_fp8
 
 PROMPTS = [[1, 5, 7, 9, 11, 3], [3, 4]]
 TOKENS = jnp.asarray(np.random.default_rng(5).integers(0, 256, (2, 40)))
@@ -94,6 +95,22 @@ def test_converted_equals_qwix_on_the_float32_weights(converted, name):
     np.testing.assert_array_equal(np.asarray(got.get_value()), np.asarray(var.get_value()),
                                   err_msg=".".join(map(str, path)))
   np.testing.assert_array_equal(logits(restored), logits(reference))
+
+
+def test_hf_fp8_release(tmp_path):
+  """The HF layout (fused experts with per-expert scales, sliced per expert on the way):
+  int4 codes are qwix's of the float32 conversion's weights."""
+  tensors = oracle.state_dict_numpy(oracle.hf_model(hf_cfg(), seed=7))
+  write_hf_fp8(str(tmp_path / "hf"), hf_cfg(), tensors)
+  for dtype in ("float32", "int4"):
+    convert_lib.convert(str(tmp_path / "hf"), str(tmp_path / dtype), dtype=dtype,
+                        group_size=GROUP, progress=False)
+  want = quantized_in_jax(tmp_path, QUANTS["int4"])
+  got = restore_lib.restore_model(str(tmp_path / "int4"), dtype="float32")
+  flat = dict(nnx.to_flat_state(nnx.state(got, nnx.Param)))
+  for path, var in nnx.to_flat_state(nnx.state(want, nnx.Param)):
+    np.testing.assert_array_equal(np.asarray(flat[path].get_value()),
+                                  np.asarray(var.get_value()), err_msg=str(path))
 
 
 def test_int8_agrees_with_float32(converted):
