@@ -175,7 +175,8 @@ def test_checkpoint_sizes(converted):
 
 def test_refusals(converted, tmp_path):
   root, _ = converted
-  with pytest.raises(CheckpointError, match=r"--group_size=64 does not divide .*down_proj.s input dim 32"):
+  with pytest.raises(CheckpointError,
+                     match=r"--group_size=64 does not divide .*down_proj.s input dim 32"):
     convert_lib.convert(str(root / "native"), str(tmp_path / "g64"), dtype="int4",
                         group_size=64, progress=False)
   assert not (tmp_path / "g64").exists() and not (tmp_path / "g64.partial").exists()

@@ -2,27 +2,29 @@
 
 Routed experts (97% of the released model's bytes) are held as int8 with one scale per
 output channel, or int4 with one scale per `group_size` inputs of each output channel;
-attention, the shared experts and the dense MLPs left in the activation dtype (the
-default) or int8 per channel (`Quant.dense`). The default is measured: on the fine-tuned
-tiny model, int8 attention moved the mean KL from bf16 50x (1e-5 -> 6e-4 nats) and top-1
-agreement from 99.5% to 98.6% (benchmarks/quant_accuracy.py), for 0.8% of the released
-model's bf16 bytes (int8 experts: 0.507 -> 0.515 of bf16; int4 g128: 0.279 -> 0.287). The embedding, norms, router and LM head always stay in
-the activation dtype: the router picks experts from small logit gaps, and the embedding
-and head are per-token lookups and the vocabulary projection, 1.4% of the bytes.
+attention, the shared experts and the dense MLPs stay in the activation dtype (the
+default) or become int8 per channel (`Quant.dense`). The default is measured: on the
+fine-tuned tiny model, int8 attention took the mean KL from bf16 50x higher (1e-5 -> 6e-4
+nats) and top-1 agreement from 99.5% to 98.6% (benchmarks/quant_accuracy.py), for 0.8%
+of the 119B's bf16 bytes (int8 experts: 0.505 -> 0.513 of bf16; int4 g128: 0.276 ->
+0.284). The embedding, norms, router and LM head always stay in the activation dtype: the
+router picks experts from small logit gaps, and the embedding and head are 0.9% of the
+bytes.
 
 qwix computes the numbers: a weight's codes and scale (of the codes' rank, broadcast over
 each group) are dequantized by `qwix.dequantize`, `float32(code) · scale`, then cast to
 the activation dtype inside the expression that consumes it, so XLA fuses the conversion
 into the matmul's operand and no whole bf16 copy of a weight exists (group-wise codes are
-held with their groups as an axis for that, see `Layout`).
-Quantizing follows `qwix.quantize`'s arithmetic (symmetric absmax, round half to even)
-in a form whose rounding XLA cannot move (`quantize`). What is ours besides: which
-tensors get which rule (`rule`), and placing the integer weights in an already built
-model (`apply`), whose layers then read them through `QuantWeight` like any parameter. qwix's own model quantization (`qwix.quantize_model`) intercepts the
-einsums a module calls; ours run inside custom MoE kernels and `shard_map`, where the
-weights themselves must be the quantized arrays (`IntArray`, indexed per expert like
-`fp8.Fp8Array`). Its `ragged_dot` on a bf16 × QArray pair dequantizes the weight first,
-as `fp8.dense` does, so the kernels keep one path.
+held with their groups as an axis for that, see `Layout`). Quantizing follows
+`qwix.quantize`'s arithmetic (symmetric absmax, round half to even) in a form whose
+rounding XLA cannot move (`quantize`). Ours besides: which tensors get which rule
+(`rule`), and placing the integer weights in an already built model (`apply`), whose
+layers then read them through `QuantWeight` like any parameter. qwix's own model
+quantization (`qwix.quantize_model`) intercepts the einsums a module calls; ours run
+inside custom MoE kernels and `shard_map`, where the weights themselves must be the
+quantized arrays (`IntArray`, indexed per expert like `fp8.Fp8Array`). Its `ragged_dot`
+on a bf16 × quantized pair dequantizes the weight first, as `fp8.dense` does, so the
+kernels keep one path.
 
 Names: a weight's "input axes" are the ones its matmuls contract (the fan-in); a scale
 has size 1 there (per channel) or dim / group_size (group-wise), and the weight's size on
