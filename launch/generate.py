@@ -24,37 +24,27 @@ on its share of the mesh and only process 0 prints and writes.
 """
 
 import json
-import os
 import sys
 import time
 from typing import NoReturn
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
-from flax import nnx
 
-from smallfour import configs
-from smallfour import distributed, images, logs, sharding
-from smallfour.chat import ChatRequestError, ChatTokenizer, Delta, TokenizerFileError
+from smallfour import distributed, images, loading, logs
+from smallfour.chat import ChatRequestError, ChatTokenizer, Delta
 from smallfour.chat_images import encode_with_images
 from smallfour.chat_output import collect
-from smallfour.checkpoint import restore
-from smallfour.checkpoint.assemble import CheckpointError
-from smallfour.config import IMAGE_PROCESSORS, ConfigError, TextConfig
+from smallfour.config import IMAGE_PROCESSORS, TextConfig
 from smallfour.inference.engine import Engine, RequestError
-from smallfour.inference.sampling import Sampling
+from smallfour.inference.sampling import BY_REASONING_EFFORT, Sampling
 from smallfour.nn.decoder import Transformer
 from smallfour.nn import quant as quant_lib
 from smallfour.nn.quant import WEIGHTS_DTYPES
 
-# Sampling defaults per reasoning effort (spec/CHAT_FORMAT.md §5): the model card asks for
-# temperature 0.7 with "high" and 0.0-0.7 with "none" (we take greedy), gives no top-k/top-p,
-# and "high" traces run to thousands of tokens. Raw --prompt_ids use the "none" row.
-DEFAULTS = {
-    "none": {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 1024},
-    "high": {"temperature": 0.7, "top_k": 0, "top_p": 1.0, "max_new_tokens": 8192},
-}
+# Answer lengths per reasoning effort (the sampling is `sampling.BY_REASONING_EFFORT`, the
+# model card's): "high" traces run to thousands of tokens. Raw --prompt_ids use "none".
+MAX_NEW_TOKENS = {"none": 1024, "high": 8192}
 
 _CKPT = flags.DEFINE_string("ckpt", None, "A checkpoint written by launch/convert.py.")
 _CONFIG = flags.DEFINE_string("config", None, "A preset (random weights, seeded) when no --ckpt.")
@@ -113,77 +103,33 @@ def _fail(message: str) -> NoReturn:
   raise SystemExit(f"error: {message}")
 
 
-def _mesh(cfg) -> jax.sharding.Mesh | None:
-  """The --mesh over all devices of all processes; None for one device."""
-  try:
-    sizes = sharding.parse_mesh(_MESH.value)
-    mesh = sharding.make_mesh(sizes, cfg)
-  except sharding.MeshError as e:
-    raise app.UsageError(str(e)) from None
-  return None if mesh.size == 1 else mesh
-
-
 def _config() -> TextConfig:
   if (_CKPT.value is None) == (_CONFIG.value is None):
     raise app.UsageError("give exactly one of --ckpt and --config")
   try:
-    return restore.read_config(_CKPT.value) if _CKPT.value else configs.resolve(_CONFIG.value)
-  except (CheckpointError, ConfigError) as e:
+    return loading.config(ckpt=_CKPT.value, config=_CONFIG.value)
+  except loading.LoadError as e:
     _fail(str(e))
 
 
 def _load_model(cfg: TextConfig) -> tuple[Transformer, jax.sharding.Mesh | None]:
-  mesh = _mesh(cfg)
-  if _CKPT.value:
-    try:
-      return restore.restore_model(_CKPT.value, mesh=mesh, dtype=_DTYPE.value,
-                                   weights_dtype=_WEIGHTS_DTYPE.value,
-                                   group_size=_GROUP_SIZE.value,
-                                   dense_dtype=_DENSE_DTYPE.value), mesh
-    except (CheckpointError, ConfigError) as e:
-      _fail(str(e))
-  dtype = jnp.dtype(_DTYPE.value or "float32")
-  quant = None
-  if _WEIGHTS_DTYPE.value in quant_lib.INT_DTYPES:
-    try:
-      quant = quant_lib.Quant(_WEIGHTS_DTYPE.value,
-                              _GROUP_SIZE.value or quant_lib.DEFAULT_GROUP_SIZE,
-                              _DENSE_DTYPE.value or "bfloat16")
-      quant_lib.check(cfg, quant)
-    except quant_lib.QuantError as e:
-      _fail(str(e))
-
-  def make():
-    model = Transformer(cfg, rngs=nnx.Rngs(_SEED.value), param_dtype=dtype,
-                        fp8=_WEIGHTS_DTYPE.value == "fp8")
-    return model if quant is None else quant_lib.apply(model, quant)
-
-  return (make() if mesh is None else sharding.init_sharded(make, mesh)), mesh
+  try:
+    return loading.model(cfg, ckpt=_CKPT.value, mesh_spec=_MESH.value, dtype=_DTYPE.value,
+                         seed=_SEED.value, weights_dtype=_WEIGHTS_DTYPE.value,
+                         group_size=_GROUP_SIZE.value, dense_dtype=_DENSE_DTYPE.value)
+  except loading.LoadError as e:
+    _fail(str(e))
 
 
 def _tokenizer(cfg: TextConfig, required: bool) -> ChatTokenizer | None:
-  """--tokenizer, else the checkpoint's (or --config directory's) tekken.json, else, for a
-  preset, the built-in one. Unless `required`, None when there is none or it does not fit."""
-  path = _TOKENIZER.value
-  if path is None and _CKPT.value:
-    path = os.path.join(_CKPT.value, "tekken.json")
-    if not os.path.isfile(path):
-      if required:
-        _fail(f"no tokenizer: {path} does not exist; pass --tokenizer=PATH to a "
-              "tekken.json, or raw --prompt_ids")
-      return None
-  elif path is None and _CONFIG.value not in configs.PRESETS:
-    path = os.path.join(_CONFIG.value, "tekken.json")
-    path = path if os.path.isfile(path) else None
+  """`loading.tokenizer`'s; unless `required`, None when there is none that fits."""
   try:
-    tok = ChatTokenizer.from_file(path) if path else ChatTokenizer.builtin()
-  except TokenizerFileError as e:
-    _fail(str(e))
-  fits = tok.vocab_size <= cfg.vocab_size and tok.eos_id == cfg.eos_token_id
-  if required and not fits:
-    _fail(f"tokenizer {tok.path} (vocab {tok.vocab_size}, </s> {tok.eos_id}) does not fit "
-          f"the model (vocab {cfg.vocab_size}, eos {cfg.eos_token_id})")
-  return tok if fits else None
+    return loading.tokenizer(cfg, ckpt=_CKPT.value, config=_CONFIG.value,
+                             path=_TOKENIZER.value)
+  except loading.LoadError as e:
+    if required:
+      _fail(f"{e} (or give raw --prompt_ids)")
+    return None
 
 
 def _request() -> dict | None:
@@ -214,10 +160,11 @@ def _request() -> dict | None:
 
 def _sampling(effort: str) -> tuple[Sampling, int]:
   """Flags over the effort's defaults -> (sampling, max_new_tokens)."""
-  pick = lambda flag, key: DEFAULTS[effort][key] if flag.value is None else flag.value  # noqa
+  default = BY_REASONING_EFFORT[effort]
+  pick = lambda flag, value: value if flag.value is None else flag.value  # noqa: E731
   try:
-    return (Sampling(pick(_TEMPERATURE, "temperature"), pick(_TOP_K, "top_k"),
-                     pick(_TOP_P, "top_p")), pick(_MAX_NEW, "max_new_tokens"))
+    return (Sampling(pick(_TEMPERATURE, default.temperature), pick(_TOP_K, default.top_k),
+                     pick(_TOP_P, default.top_p)), pick(_MAX_NEW, MAX_NEW_TOKENS[effort]))
   except ValueError as e:
     raise app.UsageError(f"bad sampling flag: {e}") from None
 

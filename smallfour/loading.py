@@ -21,6 +21,7 @@ from smallfour.chat import ChatTokenizer, TokenizerFileError
 from smallfour.checkpoint import restore
 from smallfour.checkpoint.layout import CheckpointError
 from smallfour.config import ConfigError, TextConfig
+from smallfour.nn import quant as quant_lib
 from smallfour.nn.decoder import Transformer
 
 
@@ -48,18 +49,37 @@ def mesh(cfg: TextConfig, spec: str) -> jax.sharding.Mesh | None:
 
 
 def model(cfg: TextConfig, *, ckpt: str | None = None, mesh_spec: str = "data:1,expert:1,tensor:1",
-          dtype: str | None = None, seed: int = 0
+          dtype: str | None = None, seed: int = 0, weights_dtype: str | None = None,
+          group_size: int | None = None, dense_dtype: str | None = None
           ) -> tuple[Transformer, jax.sharding.Mesh | None]:
   """The checkpoint's weights, or seeded random ones for a preset (float32 by default),
-  placed on the mesh by the rule table."""
+  placed on the mesh by the rule table.
+
+  weights_dtype: how weights are held (`restore.restore_model`); for a preset, "fp8",
+  "int8" and "int4" quantize the random weights at init (int: `group_size`, default 128,
+  and `dense_dtype`, default bfloat16, as the converter's flags).
+  """
   placed = mesh(cfg, mesh_spec)
   if ckpt:
     try:
-      return restore.restore_model(ckpt, mesh=placed, dtype=dtype), placed
-    except (CheckpointError, ConfigError) as e:
+      return restore.restore_model(ckpt, mesh=placed, dtype=dtype, weights_dtype=weights_dtype,
+                                   group_size=group_size, dense_dtype=dense_dtype), placed
+    except (CheckpointError, ConfigError, quant_lib.QuantError) as e:
       raise LoadError(str(e)) from None
-  param_dtype = jnp.dtype(dtype or "float32")
-  make = lambda: Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype)  # noqa: E731
+  quant = None
+  if weights_dtype in quant_lib.INT_DTYPES:
+    try:
+      quant = quant_lib.Quant(weights_dtype, group_size or quant_lib.DEFAULT_GROUP_SIZE,
+                              dense_dtype or "bfloat16")
+      quant_lib.check(cfg, quant)
+    except quant_lib.QuantError as e:
+      raise LoadError(str(e)) from None
+
+  def make() -> Transformer:
+    built = Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=jnp.dtype(dtype or "float32"),
+                        fp8=weights_dtype == "fp8")
+    return built if quant is None else quant_lib.apply(built, quant)
+
   return (make() if placed is None else sharding.init_sharded(make, placed)), placed
 
 

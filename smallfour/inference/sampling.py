@@ -36,6 +36,12 @@ class Sampling:
     return self.temperature == 0
 
 
+# The model card's sampling per reasoning_effort (shared/spec/CHAT_FORMAT.md §5): greedy
+# without reasoning, temperature 0.7 with it; top_p 1 and no top_k either way. The CLI,
+# the server and the notebooks start from these.
+BY_REASONING_EFFORT = {"none": Sampling(temperature=0.0), "high": Sampling(temperature=0.7)}
+
+
 def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
   """logits: [B, V] -> token ids [B] int32. Deterministic for a given key.
 

@@ -5,7 +5,7 @@ encoder's, which names a bad message itself) and how to generate (`Params`). Fie
 would need what the engine does not do (n > 1, logprobs, penalties, logit bias, constrained
 decoding) are refused with a 400 naming them rather than silently ignored.
 
-Sampling defaults follow the model card (shared/spec/CHAT_FORMAT.md §5): greedy with
+Sampling defaults follow the model card (`sampling.BY_REASONING_EFFORT`): greedy with
 reasoning_effort "none", temperature 0.7 with "high"; top_p 1 and no top_k either way.
 """
 
@@ -17,9 +17,8 @@ import time
 import uuid
 from typing import Any
 
-from smallfour.inference.sampling import Sampling
+from smallfour.inference.sampling import BY_REASONING_EFFORT, Sampling
 
-TEMPERATURE = {"none": 0.0, "high": 0.7}
 MAX_STOP = 4
 # Keys that change the prompt; the encoder checks them.
 CHAT_KEYS = ("messages", "tools", "reasoning_effort")
@@ -68,9 +67,9 @@ def split(body: Any) -> tuple[dict, Params]:
   for key, allowed in NEUTRAL.items():
     if key in body and body[key] is not None and body[key] not in allowed:
       raise ApiError(400, f"{key}: {body[key]!r} is not supported (only {allowed[0]!r})", key)
-  effort = body.get("reasoning_effort")
-  temperature = _number(body, "temperature", TEMPERATURE.get(effort, 0.0), 0.0, 2.0)
-  top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+  default = BY_REASONING_EFFORT.get(body.get("reasoning_effort"), Sampling())
+  temperature = _number(body, "temperature", default.temperature, 0.0, 2.0)
+  top_p = _number(body, "top_p", default.top_p, 0.0, 1.0)
   if top_p == 0:
     raise ApiError(400, "top_p: must lie in (0, 1]", "top_p")
   top_k = _integer(body, "top_k", 0, -1)
