@@ -39,8 +39,6 @@ from smallfour.config import IMAGE_PROCESSORS, TextConfig
 from smallfour.inference.engine import Engine, RequestError
 from smallfour.inference.sampling import BY_REASONING_EFFORT, Sampling
 from smallfour.nn.decoder import Transformer
-from smallfour.nn import quant as quant_lib
-from smallfour.nn.quant import WEIGHTS_DTYPES
 
 # Answer lengths per reasoning effort (the sampling is `sampling.BY_REASONING_EFFORT`, the
 # model card's): "high" traces run to thousands of tokens. Raw --prompt_ids use "none".
@@ -82,18 +80,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mul
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype; default the checkpoint's stored dtype.")
-_WEIGHTS_DTYPE = flags.DEFINE_enum(
-    "weights_dtype", None, WEIGHTS_DTYPES,
-    "fp8: keep the e4m3 linears FP8-resident (a checkpoint converted with --dtype=fp8; for "
-    "--config, quantized at init); int8 / int4: integer weights (a checkpoint converted "
-    "with that --dtype; for --config, quantized at init, smallfour/nn/quant.py). Default: as "
-    "the checkpoint stores them (bfloat16 for --config).")
-_GROUP_SIZE = flags.DEFINE_integer(
-    "group_size", None, "int4: inputs per scale (default: the checkpoint's; 128 for --config).")
-_DENSE_DTYPE = flags.DEFINE_enum(
-    "dense_dtype", None, quant_lib.DENSE_DTYPES,
-    "int8/int4: attention and shared experts as int8 or bfloat16 (default: the checkpoint's; "
-    "bfloat16 for --config).")
+_WEIGHTS = loading.define_weights_flags()
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None,
                                    "Write the prompt and the answer here as JSON.")
 
@@ -115,8 +102,7 @@ def _config() -> TextConfig:
 def _load_model(cfg: TextConfig) -> tuple[Transformer, jax.sharding.Mesh | None]:
   try:
     return loading.model(cfg, ckpt=_CKPT.value, mesh_spec=_MESH.value, dtype=_DTYPE.value,
-                         seed=_SEED.value, weights_dtype=_WEIGHTS_DTYPE.value,
-                         group_size=_GROUP_SIZE.value, dense_dtype=_DENSE_DTYPE.value)
+                         seed=_SEED.value, **_WEIGHTS.values())
   except loading.LoadError as e:
     _fail(str(e))
 

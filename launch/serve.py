@@ -44,6 +44,7 @@ _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 256,
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                            "Compute dtype; default the checkpoint's stored dtype.")
 _SEED = flags.DEFINE_integer("seed", 0, "Weight seed for --config.")
+_WEIGHTS = loading.define_weights_flags()
 _MODEL_NAME = flags.DEFINE_string("model_name", None,
                                   "The name /v1/models lists (default from --ckpt/--config).")
 _WARMUP = flags.DEFINE_bool("warmup", True,
@@ -60,7 +61,7 @@ def main(argv):
     cfg = loading.config(ckpt=_CKPT.value, config=_CONFIG.value)
     tok = loading.tokenizer(cfg, ckpt=_CKPT.value, config=_CONFIG.value, path=_TOKENIZER.value)
     model, mesh = loading.model(cfg, ckpt=_CKPT.value, mesh_spec=_MESH.value,
-                                dtype=_DTYPE.value, seed=_SEED.value)
+                                dtype=_DTYPE.value, seed=_SEED.value, **_WEIGHTS.values())
   except loading.LoadError as e:
     raise SystemExit(f"error: {e}") from None
   batcher = Batcher(model, max_batch=_MAX_BATCH.value, max_len=_MAX_LEN.value,

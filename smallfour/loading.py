@@ -10,10 +10,12 @@ that is missing or does not fit the model) is a `LoadError` whose message fits o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 from flax import nnx
 
 from smallfour import configs, sharding
@@ -103,3 +105,35 @@ def tokenizer(cfg: TextConfig, *, ckpt: str | None = None, config: str | None = 
     raise LoadError(f"tokenizer {tok.path} (vocab {tok.vocab_size}, </s> {tok.eos_id}) does "
                     f"not fit the model (vocab {cfg.vocab_size}, eos {cfg.eos_token_id})")
   return tok
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsFlags:
+  """`--weights_dtype`, `--group_size` and `--dense_dtype`: how a launcher holds weights."""
+
+  weights_dtype: flags.FlagHolder
+  group_size: flags.FlagHolder
+  dense_dtype: flags.FlagHolder
+
+  def values(self) -> dict[str, str | int | None]:
+    """The `model` keyword arguments the flags give."""
+    return {f.name: getattr(self, f.name).value for f in dataclasses.fields(self)}
+
+
+def define_weights_flags() -> WeightsFlags:
+  """Defines the weight-format flags (once per launcher, at import)."""
+  return WeightsFlags(
+      flags.DEFINE_enum(
+          "weights_dtype", None, quant_lib.WEIGHTS_DTYPES,
+          "fp8: keep the e4m3 linears FP8-resident (a checkpoint converted with --dtype=fp8; "
+          "for --config, quantized at init); int8 / int4: integer weights (a checkpoint "
+          "converted with that --dtype; for --config, quantized at init, "
+          "smallfour/nn/quant.py). Default: as the checkpoint stores them (bfloat16 for "
+          "--config)."),
+      flags.DEFINE_integer(
+          "group_size", None,
+          "int4: inputs per scale (default: the checkpoint's; 128 for --config)."),
+      flags.DEFINE_enum(
+          "dense_dtype", None, quant_lib.DENSE_DTYPES,
+          "int8/int4: attention and shared experts as int8 or bfloat16 (default: the "
+          "checkpoint's; bfloat16 for --config)."))

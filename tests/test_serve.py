@@ -302,11 +302,16 @@ def test_an_engine_failure_takes_the_server_down(tok, monkeypatch):
     server.stop()
 
 
-def test_the_launcher_refuses_a_bad_checkpoint_in_one_line(tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--ckpt={tmp}"], "error: {tmp} is not a converted smallfour checkpoint (no "
+                       "{tmp}/smallfour_config.json)"),
+    (["--config=tiny", "--weights_dtype=int4", "--group_size=7"],
+     "error: --group_size=7 does not divide hidden_size=64, an input dim of the routed "
+     "experts; pick a divisor"),
+])
+def test_the_launcher_refuses_bad_weights_in_one_line(tmp_path, flags, message):
   launcher = pathlib.Path(__file__).resolve().parents[1] / "launch" / "serve.py"
-  run = subprocess.run([sys.executable, str(launcher), f"--ckpt={tmp_path}", "--port=0"],
-                       capture_output=True, text=True, timeout=TIMEOUT)
+  run = subprocess.run([sys.executable, str(launcher), *(f.format(tmp=tmp_path) for f in flags),
+                        "--port=0"], capture_output=True, text=True, timeout=TIMEOUT)
   assert run.returncode != 0
-  assert run.stderr.strip().splitlines()[-1] == (
-      f"error: {tmp_path} is not a converted smallfour checkpoint (no "
-      f"{tmp_path}/smallfour_config.json)")
+  assert run.stderr.strip().splitlines()[-1] == message.format(tmp=tmp_path)
