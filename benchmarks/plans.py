@@ -39,7 +39,19 @@ ROWS = [
     ("2x H200 bf16", "h200", {"data": 1, "expert": 2, "tensor": 1}, "bfloat16", 8, 32 * K),
     ("4x H100 bf16", "h100", {"data": 1, "expert": 4, "tensor": 1}, "bfloat16", 8, 32 * K),
     ("8x H100 bf16", "h100", {"data": 1, "expert": 8, "tensor": 1}, "bfloat16", 8, 32 * K),
+    # Integer weights: group 128, attention bf16 (the converter's defaults) unless OPTIONS.
+    ("1x H100 int4", "h100", {"data": 1, "expert": 1, "tensor": 1}, "int4", 1, 32 * K),
+    ("v5e-8 int4", "v5e:2x4", None, "int4", 8, 32 * K),
+    ("v5e-8 int4 8K prompts", "v5e:2x4", None, "int4", 8, 32 * K),
+    ("v5e-8 int4 int8-attn 8K prompts", "v5e:2x4", None, "int4", 8, 32 * K),
+    ("v5e-8 bf16", "v5e:2x4", None, "bfloat16", 8, 32 * K),
+    ("tpu7x-8 int8", "tpu7x:2x2x1", None, "int8", 8, 32 * K),
 ]
+# make_plan arguments of a row beyond its columns (prefill_len default: PREFILL_LEN).
+OPTIONS = {
+    "v5e-8 int4 8K prompts": {"prefill_len": 8 * K},
+    "v5e-8 int4 int8-attn 8K prompts": {"prefill_len": 8 * K, "dense_dtype": "int8"},
+}
 
 
 def _gb(x: float | None) -> str:
@@ -92,8 +104,9 @@ def main(argv):
         lines.append(f"| {name} | `{target}` | not compiled yet: `python benchmarks/plans.py "
                      f"--rows='{name}'` | | | | | | |")
         continue
+      options = {"prefill_len": min(max_len, PREFILL_LEN), **OPTIONS.get(name, {})}
       plan = plan_lib.make_plan(cfg, target, mesh=mesh, weights_dtype=weights, batch=batch,
-                                max_len=max_len, prefill_len=min(max_len, PREFILL_LEN))
+                                max_len=max_len, **options)
       with open(path, "w") as f:
         json.dump(plan, f, indent=1)
       print(f"{name}: done", flush=True)

@@ -17,7 +17,8 @@ from absl import app, flags
 
 from smallfour import configs, logs, sharding, summary
 from smallfour.config import ConfigError
-from smallfour.nn.fp8 import WEIGHTS_DTYPES
+from smallfour.nn import quant
+from smallfour.nn.quant import WEIGHTS_DTYPES
 
 _CONFIG = flags.DEFINE_string(
     "config", "tiny", "A preset name or a directory with smallfour_config.json, an HF "
@@ -28,7 +29,12 @@ _TARGET = flags.DEFINE_string("target", "v5p:2x2x2",
 _MESH = flags.DEFINE_string("mesh", None, "data:D,expert:E,tensor:T (default: every device "
                             "on expert; for a GPU this also says how many).")
 _WEIGHTS_DTYPE = flags.DEFINE_enum("weights_dtype", "bfloat16", WEIGHTS_DTYPES,
-                                   "Weights in device memory: bf16, or the release's FP8.")
+                                   "Weights in device memory: bf16, the release's FP8, or "
+                                   "int8 / int4 (smallfour/nn/quant.py).")
+_GROUP_SIZE = flags.DEFINE_integer("group_size", quant.DEFAULT_GROUP_SIZE,
+                                   "int4: inputs per scale (the converter's --group_size).")
+_DENSE_DTYPE = flags.DEFINE_enum("dense_dtype", "bfloat16", quant.DENSE_DTYPES,
+                                 "int8/int4: attention and shared experts (the converter's).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences decoded together.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 32768, "Cache tokens per sequence.")
 _PREFILL_LEN = flags.DEFINE_integer("prefill_len", None, "Prompt tokens (default max_len).")
@@ -49,8 +55,9 @@ def main(argv):
       mesh = sharding.parse_mesh(_MESH.value) if _MESH.value else None
       out = plan.make_plan(cfg, _TARGET.value, mesh=mesh, weights_dtype=_WEIGHTS_DTYPE.value,
                            batch=_BATCH.value, max_len=_MAX_LEN.value,
-                           prefill_len=_PREFILL_LEN.value, hlo_dir=_HLO_DIR.value)
-    except (sharding.MeshError, hardware.TargetError) as e:
+                           prefill_len=_PREFILL_LEN.value, hlo_dir=_HLO_DIR.value,
+                           group_size=_GROUP_SIZE.value, dense_dtype=_DENSE_DTYPE.value)
+    except (sharding.MeshError, hardware.TargetError, quant.QuantError) as e:
       raise app.UsageError(str(e)) from None
     out = {"config": _CONFIG.value, **out}
   else:

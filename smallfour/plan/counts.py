@@ -16,6 +16,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -59,8 +60,10 @@ def weight_bytes(state: nnx.State, sizes: dict[str, int]) -> WeightBytes:
   specs = dict(nnx.to_flat_state(sharding.partition_specs(state)))
   groups = {"embedding": 0, "routed": 0, "vision": 0, "other": 0}
   for path, var in nnx.to_flat_state(state):
-    nbytes = _shard_size(var.shape, specs[path].get_value(), sizes) * np.dtype(
-        var.dtype).itemsize
+    # int4 codes are half a byte (numpy's int4 takes one).
+    bits = (jnp.iinfo(var.dtype).bits if jnp.issubdtype(var.dtype, jnp.integer)
+            else 8 * np.dtype(var.dtype).itemsize)
+    nbytes = _shard_size(var.shape, specs[path].get_value(), sizes) * bits // 8
     role = ("embedding" if path[0] == "embedder" else "vision" if path[0] == "vision" else
             "routed" if "experts" in path else "other")
     groups[role] += nbytes

@@ -20,7 +20,8 @@ from smallfour import sharding
 from smallfour.config import TextConfig
 from smallfour.inference.engine import Engine
 from smallfour.nn.decoder import Transformer
-from smallfour.nn.fp8 import WEIGHTS_DTYPES
+from smallfour.nn import quant
+from smallfour.nn.quant import WEIGHTS_DTYPES
 from smallfour.plan import compiled as compiled_lib
 from smallfour.plan import counts, hardware, hlo
 
@@ -55,12 +56,15 @@ def _step(analysis: dict[str, Any] | None, count: dict[str, Any], tokens: int,
 
 def make_plan(cfg: TextConfig, target_name: str, *, mesh: dict[str, int] | None = None,
               weights_dtype: str = "bfloat16", batch: int = 8, max_len: int = 32768,
-              prefill_len: int | None = None, hlo_dir: str | None = None) -> dict[str, Any]:
+              prefill_len: int | None = None, hlo_dir: str | None = None,
+              group_size: int = quant.DEFAULT_GROUP_SIZE,
+              dense_dtype: str = "bfloat16") -> dict[str, Any]:
   """The plan of serving `cfg` on `target_name` (see module docstring) as a JSON-able dict.
 
   `prefill_len` defaults to `max_len` (the longest prompt the cache holds); `hlo_dir`
   receives each compiled step's optimized HLO (`<step>.hlo`) and the source lines whose
-  ops move the most bytes in it (`<step>_bytes_by_line.json`, see hlo.py).
+  ops move the most bytes in it (`<step>_bytes_by_line.json`, see hlo.py). `group_size`,
+  `dense_dtype`: int8/int4 weights as the converter's flags of those names make them.
   """
   if weights_dtype not in WEIGHTS_DTYPES:
     raise ValueError(f"weights_dtype={weights_dtype!r}; expected one of {WEIGHTS_DTYPES}")
@@ -69,8 +73,14 @@ def make_plan(cfg: TextConfig, target_name: str, *, mesh: dict[str, int] | None 
   target = hardware.resolve(target_name, gpus or 1)
   sizes = mesh or default_mesh(target)
   itemsize = jnp.dtype(CACHE_DTYPE).itemsize
-  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=CACHE_DTYPE,
-                                             fp8=weights_dtype == "fp8"))
+
+  def make():
+    model = Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=CACHE_DTYPE,
+                        fp8=weights_dtype == "fp8")
+    return (quant.apply(model, quant.Quant(weights_dtype, group_size, dense_dtype))
+            if weights_dtype in quant.INT_DTYPES else model)
+
+  model = nnx.eval_shape(make)
   count = counts.counted(cfg, nnx.state(model, nnx.Param), sizes, batch=batch,
                          max_len=max_len, prefill_len=prefill_len, itemsize=itemsize)
   analyses: dict[str, Any] = {"decode": None, "prefill": None}
@@ -87,8 +97,10 @@ def make_plan(cfg: TextConfig, target_name: str, *, mesh: dict[str, int] | None 
             f.write(analysis["hlo"])
           with open(os.path.join(hlo_dir, f"{step}_bytes_by_line.json"), "w") as f:
             json.dump(hlo.top_ops(analysis["hlo"], 40), f, indent=1)
-  return assemble(target, sizes, count, analyses, weights_dtype=weights_dtype, batch=batch,
-                  max_len=max_len, prefill_len=prefill_len)
+  integer = ({"group_size": group_size, "dense_dtype": dense_dtype}
+             if weights_dtype in quant.INT_DTYPES else {})
+  return assemble(target, sizes, count, analyses, weights_dtype=weights_dtype, **integer,
+                  batch=batch, max_len=max_len, prefill_len=prefill_len)
 
 
 def assemble(target: hardware.Target, sizes: dict[str, int], count: dict[str, Any],
