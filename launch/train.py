@@ -15,22 +15,16 @@ skips it; the same command run again later trains nothing and exports).
 """
 
 import json
-import logging
 import os
 import sys
 from typing import NoReturn
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
-from absl import logging as absl_logging
-from flax import nnx
 
-from smallfour import configs, sharding
-from smallfour.chat import ChatTokenizer, TokenizerFileError
-from smallfour.checkpoint import restore
-from smallfour.checkpoint.layout import CheckpointError
-from smallfour.config import ConfigError, TextConfig
+from smallfour import loading, logs
+from smallfour.chat import ChatTokenizer
+from smallfour.config import TextConfig
 from smallfour.nn.decoder import Transformer
 from smallfour.train import data, loop
 from smallfour.train.lora import TARGETS, LoraConfig
@@ -92,28 +86,24 @@ def _config() -> TextConfig:
   if (_CKPT.value is None) == (_CONFIG.value is None):
     raise app.UsageError("give exactly one of --ckpt and --config")
   try:
-    return restore.read_config(_CKPT.value) if _CKPT.value else configs.resolve(_CONFIG.value)
-  except (CheckpointError, ConfigError) as e:
+    return loading.config(ckpt=_CKPT.value, config=_CONFIG.value)
+  except loading.LoadError as e:
     _fail(str(e))
 
 
 def _mesh(cfg: TextConfig) -> jax.sharding.Mesh | None:
   try:
-    mesh = sharding.make_mesh(sharding.parse_mesh(_MESH.value), cfg)
-  except sharding.MeshError as e:
+    return loading.mesh(cfg, _MESH.value)
+  except loading.LoadError as e:
     raise app.UsageError(str(e)) from None
-  return None if mesh.size == 1 else mesh
 
 
-def _model(cfg: TextConfig, mesh) -> Transformer:
-  if _CKPT.value:
-    try:
-      return restore.restore_model(_CKPT.value, mesh=mesh, dtype=_DTYPE.value)
-    except (CheckpointError, ConfigError) as e:
-      _fail(str(e))
-  dtype = jnp.dtype(_DTYPE.value or "float32")
-  make = lambda: Transformer(cfg, rngs=nnx.Rngs(_SEED.value), param_dtype=dtype)  # noqa: E731
-  return make() if mesh is None else sharding.init_sharded(make, mesh)
+def _model(cfg: TextConfig) -> Transformer:
+  try:
+    return loading.model(cfg, ckpt=_CKPT.value, mesh_spec=_MESH.value, dtype=_DTYPE.value,
+                         seed=_SEED.value)[0]
+  except loading.LoadError as e:
+    _fail(str(e))
 
 
 def _base() -> dict:
@@ -124,31 +114,15 @@ def _base() -> dict:
 
 
 def _tokenizer(cfg: TextConfig) -> ChatTokenizer:
-  """--tokenizer, else the checkpoint's (or --config directory's) tekken.json, else, for a
-  preset, the built-in one (as launch/generate.py)."""
-  path = _TOKENIZER.value
-  if path is None and _CKPT.value:
-    path = os.path.join(_CKPT.value, "tekken.json")
-    if not os.path.isfile(path):
-      _fail(f"no tokenizer: {path} does not exist; pass --tokenizer=PATH to a tekken.json")
-  elif path is None and _CONFIG.value not in configs.PRESETS:
-    path = os.path.join(_CONFIG.value, "tekken.json")
-    path = path if os.path.isfile(path) else None
   try:
-    tok = ChatTokenizer.from_file(path) if path else ChatTokenizer.builtin()
-  except TokenizerFileError as e:
+    return loading.tokenizer(cfg, ckpt=_CKPT.value, config=_CONFIG.value, path=_TOKENIZER.value)
+  except loading.LoadError as e:
     _fail(str(e))
-  if tok.vocab_size > cfg.vocab_size or tok.eos_id != cfg.eos_token_id:
-    _fail(f"tokenizer {tok.path} (vocab {tok.vocab_size}, </s> {tok.eos_id}) does not fit "
-          f"the model (vocab {cfg.vocab_size}, eos {cfg.eos_token_id})")
-  return tok
 
 
 def main(argv):
   del argv
-  logging.getLogger("mistral_common").setLevel(logging.WARNING)
-  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
-    absl_logging.set_verbosity(absl_logging.WARNING)
+  logs.library_logs_at_warning()  # orbax logs every save at INFO
   cfg = _config()
   tok = _tokenizer(cfg)
   lora = LoraConfig(_LORA_RANK.value, tuple(_LORA_TARGETS.value)) if _LORA_RANK.value else None
@@ -162,7 +136,7 @@ def main(argv):
       metrics=_METRICS.value, export=_EXPORT.value)
   mesh = _mesh(cfg)
   try:
-    history = loop.train(lambda: _model(cfg, mesh), cfg, tok, run, mesh=mesh, base=_base(),
+    history = loop.train(lambda: _model(cfg), cfg, tok, run, mesh=mesh, base=_base(),
                          log=lambda m: print(m, file=sys.stderr))
   except (data.DataError, loop.RunError) as e:
     _fail(str(e))

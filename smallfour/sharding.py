@@ -163,3 +163,16 @@ def place(module: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
   state = nnx.state(module)
   nnx.update(module, jax.device_put(state, named_shardings(state, mesh)))
   return module
+
+
+def under_mesh(mesh: jax.sharding.Mesh | None, fn: Callable) -> Callable:
+  """`fn`, called (and so traced) under `mesh` (`jax.set_mesh`: the MoE then runs
+  expert-parallel); `fn` itself when there is no mesh."""
+  if mesh is None:
+    return fn
+
+  def on_mesh(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+
+  return on_mesh

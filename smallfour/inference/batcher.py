@@ -355,15 +355,7 @@ class Batcher:
 
   def _jit(self, fn, **kwargs):
     """`jax.jit(fn)`, traced and run under the mesh (the MoE then runs expert-parallel)."""
-    jitted = jax.jit(fn, **kwargs)
-    if self.mesh is None:
-      return jitted
-
-    def on_mesh(*args, **kw):
-      with jax.set_mesh(self.mesh):
-        return jitted(*args, **kw)
-
-    return on_mesh
+    return sharding.under_mesh(self.mesh, jax.jit(fn, **kwargs))
 
   def _put(self, value) -> jax.Array:
     """A host value as a replicated input."""

@@ -59,14 +59,14 @@ class Engine:
       self.state = jax.device_put(self.state, sharding.named_shardings(self.state, mesh))
     self.dtype = model.embedder.get_value().dtype
     self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("chunk",))
-    self._prefill = self._on_mesh(self._prefill_jit)
+    self._prefill = sharding.under_mesh(self.mesh, self._prefill_jit)
     self._encode = self._jit(self._encode_impl)
     self._zeros = self._jit(self._zeros_impl, static_argnames=("batch",))
     self._insert = self._jit(self._insert_impl, donate_argnums=0)
     self._first = self._jit(self._first_impl, static_argnames=("sampling", "max_new_tokens"))
     self._step_jit = jax.jit(self._step_impl, static_argnames=("sampling", "window"),
                              donate_argnames=("cache",))
-    self._step = self._on_mesh(self._step_jit)
+    self._step = sharding.under_mesh(self.mesh, self._step_jit)
     self._loop = self._jit(self._loop_impl,
                            static_argnames=("sampling", "max_new_tokens", "window"),
                            donate_argnames=("cache",))
@@ -207,7 +207,7 @@ class Engine:
     done = jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=whole)
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=whole)
-    lower = self._on_mesh(self._step_jit.lower)
+    lower = sharding.under_mesh(self.mesh, self._step_jit.lower)
     return lower(self._abstract_state(), cache, tokens, done, key, sampling=sampling)
 
   def lower_prefill(self, length: int) -> jax.stages.Lowered:
@@ -216,7 +216,7 @@ class Engine:
     tokens = jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=self._whole())
     lengths = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=self._whole())
     chunk = self.prefill_chunk if length % self.prefill_chunk == 0 else length
-    lower = self._on_mesh(self._prefill_jit.lower)
+    lower = sharding.under_mesh(self.mesh, self._prefill_jit.lower)
     return lower(self._abstract_state(), tokens, lengths, chunk=chunk)
 
   def _abstract_state(self):
@@ -241,17 +241,7 @@ class Engine:
 
   def _jit(self, fn, **kwargs):
     """`jax.jit(fn)`, called (and so traced) under this engine's mesh."""
-    return self._on_mesh(jax.jit(fn, **kwargs))
-
-  def _on_mesh(self, fn):
-    if self.mesh is None:
-      return fn
-
-    def on_mesh(*args, **kw):
-      with jax.set_mesh(self.mesh):
-        return fn(*args, **kw)
-
-    return on_mesh
+    return sharding.under_mesh(self.mesh, jax.jit(fn, **kwargs))
 
   def _put(self, value):
     """A host value as a (replicated) input: every process passes the same one."""

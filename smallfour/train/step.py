@@ -72,11 +72,11 @@ class Trainer:
         transform_non_params=lambda _: whole)
     self.state_shardings = None if self.mesh is None else TrainState(
         whole, self.param_shardings, self.opt_shardings)
-    self._init = self._on_mesh(jax.jit(self._init_impl, donate_argnums=(0,),
-                                       out_shardings=self.state_shardings))
+    self._init = sharding.under_mesh(self.mesh, jax.jit(
+        self._init_impl, donate_argnums=(0,), out_shardings=self.state_shardings))
     self._step_jit = jax.jit(self._step_impl, donate_argnums=(0,),
                              out_shardings=(self.state_shardings, whole))
-    self._step = self._on_mesh(self._step_jit)
+    self._step = sharding.under_mesh(self.mesh, self._step_jit)
 
   # ------------------------------------------------------------------ public API
 
@@ -130,7 +130,7 @@ class Trainer:
                  else sharding.logical_sharding(BATCH_AXES, shape, self.mesh))
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.bool_ if k in ("loss_mask", "valid")
                                      else jnp.int32, sharding=placement) for k in BATCH_KEYS}
-    return self._on_mesh(self._step_jit.lower)(state, frozen, batch)
+    return sharding.under_mesh(self.mesh, self._step_jit.lower)(state, frozen, batch)
 
   def model(self, state: TrainState) -> Transformer:
     """The model with this state's trainable parameters (shares arrays with the state)."""
@@ -166,16 +166,6 @@ class Trainer:
     return TrainState(state.step + 1, params, opt_state), metrics
 
   # ------------------------------------------------------------ mesh plumbing
-
-  def _on_mesh(self, fn):
-    if self.mesh is None:
-      return fn
-
-    def on_mesh(*args, **kw):
-      with jax.set_mesh(self.mesh):
-        return fn(*args, **kw)
-
-    return on_mesh
 
   def _shardings(self, state: nnx.State):
     return None if self.mesh is None else sharding.named_shardings(state, self.mesh)
