@@ -11,10 +11,9 @@ import os
 import pathlib
 import re
 
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 # The least number of matplotlib figures (image/png outputs) each notebook must show.
