@@ -22,6 +22,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # activations and the latent cache
     ("batch", ("data", "expert")),
     ("length", None),
+    # the paged latent cache's pages and the tokens in a page: every device holds the pool
+    ("pages", None),
+    ("page", None),
     ("layers", None),
     # embeddings and head
     ("vocab", "tensor"),

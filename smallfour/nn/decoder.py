@@ -49,6 +49,11 @@ class DecoderLayer(nnx.Module):
     """One token per sequence (`MLA.decode`). Returns (h [B, 1, D], cache [L, B, T, R + Dr])."""
     return self._block(h, lambda a: self.attn.decode(a, pos, latent, layer, write_at, mask))
 
+  def paged(self, h: jax.Array, pos: PositionEncoding, positions: jax.Array, pool: jax.Array,
+            layer: int, page_table: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """New tokens against the paged cache (`MLA.paged`). Returns (h, the updated pool)."""
+    return self._block(h, lambda a: self.attn.paged(a, pos, positions, pool, layer, page_table))
+
   def _block(self, h: jax.Array, attend: Callable[[jax.Array], tuple[jax.Array, Any]]
              ) -> tuple[jax.Array, Any]:
     """The block's one body; `attend` maps the normed input to (attention output, extra)."""

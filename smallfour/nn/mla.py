@@ -103,6 +103,30 @@ class MLA(nnx.Module):
     window = latent[layer, :, :mask.shape[-1]]
     return self.attend_absorbed(q_nope, q_rope, window, mask), latent
 
+  def paged(self, x: jax.Array, pos: PositionEncoding, positions: jax.Array, pool: jax.Array,
+            layer: int, page_table: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """New tokens against a paged latent cache: writes their rows, then attends absorbed.
+
+    x: [B, S, D] at `positions` [B, S] (consecutive per row); pool: the whole stacked pool
+    [L, P, page, R + Dr], of which this is layer `layer` (updated in place); page_table:
+    [B, N] each row's first N pages, padded with a page never read as a sequence's (the
+    sink), N × page ≥ every position fed. S == 1 (decode) writes one row per sequence; S > 1
+    (a prompt chunk) starts on a page boundary and writes whole pages.
+    Returns (out [B, S, D], the updated pool).
+    """
+    q_nope, q_rope = self.queries(x, pos)
+    c, k_rope = self.latents(x, pos)
+    rows = jnp.concatenate([c, k_rope], axis=-1).astype(pool.dtype)  # [B, S, R + Dr]
+    pool = write_pages(pool, layer, positions[:, 0], page_table, rows)
+    b, n = page_table.shape
+    window = jnp.take(pool[layer], page_table, axis=0).reshape(b, n * pool.shape[2], -1)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:  # each sequence's attention on the devices of its row
+      window = jax.lax.with_sharding_constraint(window, sharding.logical_spec(
+          ("batch", "length", "kv_lora_rope"), window.shape, mesh))
+    mask = jnp.arange(window.shape[1])[None, None, :] <= positions[:, :, None]  # [B, S, T]
+    return self.attend_absorbed(q_nope, q_rope, window, mask), pool
+
   def attend_expanded(self, q_nope: jax.Array, q_rope: jax.Array, c: jax.Array,
                       k_rope: jax.Array, mask: jax.Array) -> jax.Array:
     """Rebuilds per-head keys/values from the latent, then attends.
@@ -245,6 +269,29 @@ def write_rows(latent: jax.Array, layer: int, write_at: jax.Array, rows: jax.Arr
   batch = sharding.logical_spec(("batch",), (rows.shape[0],), mesh)[0]
   return jax.shard_map(write, mesh=mesh, in_specs=(P(None, batch), P(batch), P(batch)),
                        out_specs=P(None, batch))(latent, write_at, rows)
+
+
+def write_pages(pool: jax.Array, layer: int, start: jax.Array, page_table: jax.Array,
+                rows: jax.Array) -> jax.Array:
+  """Writes `rows` [B, S, W] of each sequence at positions start[b] .. start[b] + S - 1 of
+  layer `layer` of `pool` [L, P, page, W], through `page_table` [B, N], in place.
+
+  One `dynamic_update_slice` per sequence (S == 1) or per page (S a multiple of the page
+  size, `start` on a page boundary), without bounds checks, for the reason `write_rows`
+  gives: XLA:TPU copies a cache updated by a scatter into a layout of its own and back.
+  """
+  page = pool.shape[2]
+  b, s, w = rows.shape
+  for i in range(b):
+    first = start[i] // page
+    if s == 1:
+      at = (layer, page_table[i, first], start[i] % page, 0)
+      pool = jax.lax.dynamic_update_slice(pool, rows[i].reshape(1, 1, 1, w), at)
+      continue
+    for j in range(s // page):
+      block = rows[i, j * page:(j + 1) * page].reshape(1, 1, page, w)
+      pool = jax.lax.dynamic_update_slice(pool, block, (layer, page_table[i, first + j], 0, 0))
+  return pool
 
 
 def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
