@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 from safetensors.numpy import save_file
 
-from smallfour import config_formats
+from smallfour.config import formats as config_formats
 from smallfour.checkpoint import keymap
 from smallfour.config import RopeConfig, TextConfig
 

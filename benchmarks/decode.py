@@ -35,7 +35,7 @@ from flax import nnx
 from transformers import Mistral4Config, Mistral4ForCausalLM
 
 from smallfour import config as config_lib
-from smallfour import config_formats
+from smallfour.config import formats as config_formats
 from smallfour import summary
 from smallfour.checkpoint import assemble, keymap
 from smallfour.inference.engine import Engine

@@ -5,7 +5,7 @@ from typing import Callable
 
 from smallfour.configs import small4_119b, tiny
 from smallfour import config as config_lib
-from smallfour import config_files
+from smallfour.config import files as config_files
 
 PRESETS: dict[str, Callable[[], config_lib.TextConfig]] = {
     "small4_119b": small4_119b.get_config,

@@ -44,7 +44,7 @@ _SOFTMAX_SCALE = flags.DEFINE_enum(
 _IMAGE_PROCESSOR = flags.DEFINE_enum(
     "image_processor", None, IMAGE_PROCESSORS,
     "Override the image preprocessing the source implies: mistral_common when the "
-    "directory has params.json, else transformers (see smallfour/images.py).")
+    "directory has params.json, else transformers (see smallfour/chat/image_processing.py).")
 _FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "hf", "native"],
                             "Source tensors; auto prefers HF when a directory holds both.")
 

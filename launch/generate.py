@@ -11,14 +11,14 @@
 
 The prompt is one user turn (--prompt) or an OpenAI-style request object (--messages:
 messages, tools, reasoning_effort; images as OpenAI image_url parts with data URLs or
-local paths), encoded by mistral-common (smallfour.chat, smallfour.chat_images); --image
-adds images to --prompt's message, or, with raw --prompt_ids, stands for the [IMG] ids in
-them, one each, in order (each expanded to its image's tokens). The answer
+local paths), encoded by mistral-common (smallfour.chat); --image adds images to
+--prompt's message, or, with raw --prompt_ids, stands for the [IMG] ids in them, one
+each, in order (each expanded to its image's tokens). The answer
 streams to the terminal: reasoning under its own header, then the answer, then each tool
 call with its arguments. `--output_json` writes prompt_ids, token_ids (prompt excluded),
 reasoning, content, tool_calls and finish_reason. The tokenizer is --tokenizer, else the
 checkpoint's (or --config directory's) tekken.json, else, for a preset, the built-in one
-(smallfour.chat_vocab). With several processes (launch/multihost/, or
+(smallfour.chat.vocab). With several processes (launch/multihost/, or
 --coordinator_address/--num_processes/--process_id), every process runs this same command
 on its share of the mesh and only process 0 prints and writes.
 """
@@ -31,10 +31,10 @@ from typing import NoReturn
 import jax
 from absl import app, flags
 
-from smallfour import distributed, images, loading, logs
-from smallfour.chat import ChatRequestError, ChatTokenizer, Delta
-from smallfour.chat_images import encode_with_images
-from smallfour.chat_output import collect
+from smallfour import distributed, loading, logs
+from smallfour.chat import ChatRequestError, ChatTokenizer, Delta, image_processing
+from smallfour.chat.images import encode_with_images
+from smallfour.chat.output import collect
 from smallfour.config import IMAGE_PROCESSORS, TextConfig
 from smallfour.inference.engine import Engine, RequestError
 from smallfour.inference.sampling import BY_REASONING_EFFORT, Sampling
@@ -208,10 +208,11 @@ def _encode(cfg: TextConfig, request: dict | None,
     _fail("images given, but the model has no vision encoder")
   if request is not None:
     return encode_with_images(tok, request, cfg.vision, _IMAGE_PROCESSOR.value)
-  encoded = [images.encode(images.load(path, path), cfg.vision, _IMAGE_PROCESSOR.value, path)
+  encoded = [image_processing.encode(image_processing.load(path, path), cfg.vision,
+                                     _IMAGE_PROCESSOR.value, path)
              for path in _IMAGE.value]
-  ids = images.expand_placeholders([int(t) for t in _PROMPT_IDS.value],
-                                   [tokens for tokens, _ in encoded], cfg.vision)
+  ids = image_processing.expand_placeholders([int(t) for t in _PROMPT_IDS.value],
+                                             [tokens for tokens, _ in encoded], cfg.vision)
   return ids, [pixels for _, pixels in encoded]
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from safetensors.numpy import save_file
 from transformers import Mistral3Config, Mistral4Config
 
-from smallfour import config_formats
+from smallfour.config import formats as config_formats
 
 F8_MAX = 448.0
 

@@ -10,7 +10,8 @@ from flax import nnx
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from smallfour import chat_vocab, configs
+from smallfour import configs
+from smallfour.chat import vocab as chat_vocab
 from smallfour.chat import ChatRequestError, ChatTokenizer, TokenizerFileError
 from smallfour.inference.engine import Engine, RequestError
 from smallfour.nn.decoder import Transformer

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smallfour.chat import ChatTokenizer
-from smallfour.chat_output import Delta, collect
+from smallfour.chat.output import Delta, collect
 
 # Control ids of Small 4's tekken.json (spec §1.3); the library resolves them by name.
 EOS, INST, TOOL_CALLS, IMG, PAD, ARGS, THINK, END_THINK = 2, 3, 9, 10, 11, 32, 34, 35

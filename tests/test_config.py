@@ -7,7 +7,9 @@ import json
 import pytest
 from transformers import Mistral3Config, Mistral4Config, PixtralVisionConfig
 
-from smallfour import config_files, config_formats, configs
+from smallfour import configs
+from smallfour.config import files as config_files
+from smallfour.config import formats as config_formats
 from smallfour import config as config_lib
 from smallfour.config import ConfigError
 from tests import oracle

@@ -17,8 +17,9 @@ import torch
 from flax import nnx
 from safetensors.numpy import save_file
 
-from smallfour import chat_vocab, sharding, summary
-from smallfour import config_formats
+from smallfour import sharding, summary
+from smallfour.chat import vocab as chat_vocab
+from smallfour.config import formats as config_formats
 from smallfour.checkpoint import convert as convert_lib
 from smallfour.checkpoint import formats
 from smallfour.checkpoint import restore as restore_lib

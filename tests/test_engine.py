@@ -8,7 +8,7 @@ import torch
 from flax import nnx
 
 from smallfour import configs
-from smallfour import config_formats
+from smallfour.config import formats as config_formats
 from smallfour.inference import forward
 from smallfour.inference.cache import LatentCache
 from smallfour.inference.engine import Engine, RequestError

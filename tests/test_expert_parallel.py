@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from smallfour import configs
-from smallfour import config_formats
+from smallfour.config import formats as config_formats
 from smallfour import sharding
 from smallfour.checkpoint import convert as convert_lib
 from smallfour.inference.engine import Engine

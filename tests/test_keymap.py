@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from smallfour import config_formats
+from smallfour.config import formats as config_formats
 from smallfour.checkpoint import assemble, keymap
 from smallfour.nn.decoder import Transformer
 from tests import oracle

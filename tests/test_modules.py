@@ -9,7 +9,7 @@ from transformers import Mistral4Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.mistral4 import modeling_mistral4 as hf
 
-from smallfour import config_formats
+from smallfour.config import formats as config_formats
 from smallfour.nn import rope
 from smallfour.nn.mla import MLA
 from smallfour.nn.moe import Router

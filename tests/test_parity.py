@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from smallfour import config_formats
+from smallfour.config import formats as config_formats
 from tests import oracle
 
 # Each case: (HF config overrides, patch HF to the plain softmax scale, sequence length).

@@ -9,9 +9,10 @@ import pytest
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from PIL import Image
 
-from smallfour import configs, images
+from smallfour import configs
+from smallfour.chat import image_processing
 from smallfour.chat import ChatRequestError, ChatTokenizer
-from smallfour.chat_images import encode_with_images
+from smallfour.chat.images import encode_with_images
 
 VISION = configs.resolve("tiny").vision
 
@@ -72,8 +73,8 @@ def test_transformers_processor_lays_out_its_own_tokens(tok):
   assert mc_pixels[0].shape == (3, 21 * 28, 55 * 28)
   assert hf_pixels[0].shape == (3, 20 * 28, 55 * 28)
   assert len(mc_ids) - len(hf_ids) == 56  # one row of 55 [IMG] and its break
-  image = images.load(data_url(png(1682, 4620)))
-  np.testing.assert_array_equal(hf_pixels[0], images.transformers_pixels(image, VISION))
+  image = image_processing.load(data_url(png(1682, 4620)))
+  np.testing.assert_array_equal(hf_pixels[0], image_processing.transformers_pixels(image, VISION))
 
 
 @pytest.mark.parametrize("messages, message", [

@@ -6,7 +6,9 @@ import json
 import pytest
 from transformers import Mistral3Config
 
-from smallfour import config_files, config_formats, configs
+from smallfour import configs
+from smallfour.config import files as config_files
+from smallfour.config import formats as config_formats
 from smallfour import config as config_lib
 from smallfour.config import ConfigError, VisionConfig
 from tests.test_config import RELEASE_CONFIG, RELEASE_PARAMS, as_transformers_reads

@@ -12,7 +12,8 @@ from mistral_common.tokens.tokenizers.image import ImageConfig, ImageEncoder, Sp
 from PIL import Image
 from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
-from smallfour import configs, images
+from smallfour import configs
+from smallfour.chat import image_processing
 
 # The release's geometry (patch 14 × merge 2 = 28 px) with a 112-px longest edge, so that
 # small test images already go beyond it.
@@ -59,7 +60,7 @@ def transformers_reference(image):
 @pytest.mark.parametrize("kind", IMAGES)
 def test_transformers_path_equals_its_processor(kind):
   image = IMAGES[kind]()
-  tokens, pixels = images.encode(image, CFG, "transformers")
+  tokens, pixels = image_processing.encode(image, CFG, "transformers")
   want = transformers_reference(image)
   np.testing.assert_array_equal(pixels, want)  # the same operations: bit for bit
   rows, cols = want.shape[1] // 28, want.shape[2] // 28
@@ -70,7 +71,7 @@ def test_transformers_path_equals_its_processor(kind):
 def test_mistral_common_path_equals_its_encoder(kind):
   """Equal to the image encoder of a tekken.json with this geometry, tokens and pixels."""
   image = IMAGES[kind]()
-  tokens, pixels = images.encode(image, CFG, "mistral_common")
+  tokens, pixels = image_processing.encode(image, CFG, "mistral_common")
   want = ImageEncoder(ImageConfig(14, 112, 2), SpecialImageIDs(10, 12, 13))(
       ImageChunk(image=image))
   assert tokens == want.tokens
@@ -85,23 +86,23 @@ def test_the_two_paths_differ_as_stated():
   worst = 0.0
   for kind, make in IMAGES.items():
     image = make()
-    t_tokens, t_pixels = images.encode(image, CFG, "transformers")
-    m_tokens, m_pixels = images.encode(image, CFG, "mistral_common")
+    t_tokens, t_pixels = image_processing.encode(image, CFG, "transformers")
+    m_tokens, m_pixels = image_processing.encode(image, CFG, "mistral_common")
     assert t_tokens == m_tokens, kind
     worst = max(worst, float(np.abs(t_pixels - m_pixels).max()))
   assert 1e-3 < worst < 1.0, worst
   # 4620 × 1682 (W × H) scales by 1/3: the height 560.67 floors to 560 (20 rows) in
   # transformers and rounds to 561 (21 rows) in mistral-common.
   big = configs.resolve("small4_119b").vision
-  assert images.transformers_size(1682, 4620, big) == (20 * 28, 55 * 28)
+  assert image_processing.transformers_size(1682, 4620, big) == (20 * 28, 55 * 28)
   encoder = ImageEncoder(ImageConfig(14, 1540, 2), SpecialImageIDs(10, 12, 13))
   assert encoder._image_to_num_tokens(Image.new("RGB", (4620, 1682))) == (55, 21)
 
 
 def test_over_the_limit_sizes():
-  tall = images.transformers_size(4000, 3000, configs.resolve("small4_119b").vision)
+  tall = image_processing.transformers_size(4000, 3000, configs.resolve("small4_119b").vision)
   assert tall == (1540, 1176)  # 3000 · 1540/4000 = 1155 → 42 rows of 28 px
-  assert images.transformers_size(10_000, 1, CFG) == (112, 28)  # never a 0-pixel side
+  assert image_processing.transformers_size(10_000, 1, CFG) == (112, 28)  # never a 0-pixel side
 
 
 def _png(image):
@@ -116,7 +117,7 @@ def test_loads_paths_data_urls_and_bytes(tmp_path):
   (tmp_path / "a.png").write_bytes(data)
   url = "data:image/png;base64," + base64.b64encode(data).decode()
   for source in (str(tmp_path / "a.png"), f"file://{tmp_path / 'a.png'}", url, data, image):
-    np.testing.assert_array_equal(np.asarray(images.load(source)), np.asarray(image))
+    np.testing.assert_array_equal(np.asarray(image_processing.load(source)), np.asarray(image))
 
 
 @pytest.mark.parametrize("source, message", [
@@ -128,24 +129,28 @@ def test_loads_paths_data_urls_and_bytes(tmp_path):
     (Image.new("RGB", (0, 5)), r"photo.png: the image has no pixels \(0×5\)"),
 ])
 def test_bad_images_name_the_image(source, message):
-  with pytest.raises(images.ImageError, match=message):
-    images.load(source, "photo.png")
+  with pytest.raises(image_processing.ImageError, match=message):
+    image_processing.load(source, "photo.png")
 
 
 def test_decompression_bomb_is_refused(monkeypatch):
   data = _png(Image.new("RGB", (64, 64)))
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels: over twice the limit
-  with pytest.raises(images.ImageError, match="bomb.png: refused as a decompression bomb"):
-    images.load(data, "bomb.png")
+  with pytest.raises(image_processing.ImageError,
+                     match="bomb.png: refused as a decompression bomb"):
+    image_processing.load(data, "bomb.png")
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # between 1× and 2×: pillow only warns
-  with pytest.raises(images.ImageError, match="refused as a decompression bomb"):
-    images.load(data, "bomb.png")
+  with pytest.raises(image_processing.ImageError, match="refused as a decompression bomb"):
+    image_processing.load(data, "bomb.png")
 
 
 def test_placeholders_pair_with_images():
   layouts = [[10, 13], [10, 10, 13]]
-  assert images.expand_placeholders([1, 10, 5, 10], layouts, CFG) == [1, 10, 13, 5, 10, 10, 13]
-  with pytest.raises(images.ImageError, match=r"2 \[IMG\] placeholder\(s\) \(id 10\) for 1"):
-    images.expand_placeholders([1, 10, 10], layouts[:1], CFG)
-  with pytest.raises(images.ImageError, match=r"0 \[IMG\] placeholder\(s\) \(id 10\) for 2"):
-    images.expand_placeholders([1, 5], layouts, CFG)
+  expand = image_processing.expand_placeholders
+  assert expand([1, 10, 5, 10], layouts, CFG) == [1, 10, 13, 5, 10, 10, 13]
+  with pytest.raises(image_processing.ImageError,
+                     match=r"2 \[IMG\] placeholder\(s\) \(id 10\) for 1"):
+    expand([1, 10, 10], layouts[:1], CFG)
+  with pytest.raises(image_processing.ImageError,
+                     match=r"0 \[IMG\] placeholder\(s\) \(id 10\) for 2"):
+    expand([1, 5], layouts, CFG)

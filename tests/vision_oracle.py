@@ -11,7 +11,8 @@ import torch
 from flax import nnx
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
 
-from smallfour import config_formats, sharding
+from smallfour import sharding
+from smallfour.config import formats as config_formats
 from smallfour.checkpoint import assemble, keymap
 from smallfour.config import TextConfig
 from smallfour.nn import multimodal

@@ -124,10 +124,11 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16",
       (bfloat16, or int8 per channel), the rest bfloat16 (nn/quant.py).
     softmax_scale: overrides the mode the source implies ("plain"/"hf_mscale_fold"):
       params.json's yarn.apply_scale when it is there, else config.json's transformers
-      semantics (`config_files.read_release_dir`).
+      semantics (`smallfour.config.files.read_release_dir`).
     kind: the source tensors; "auto" detects them from the directory's files.
     image_processor: overrides the image preprocessing the source implies
-      ("mistral_common" when params.json is there, else "transformers"; smallfour.images).
+      ("mistral_common" when params.json is there, else "transformers";
+      smallfour.chat.image_processing).
   """
   if dtype not in DTYPES:
     raise CheckpointError(f"--dtype={dtype!r}; expected one of {DTYPES}")

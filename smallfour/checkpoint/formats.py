@@ -2,10 +2,10 @@
 
 The tensors' kind and the config are decided apart: `auto` reads HF tensors when both
 kinds are there, while params.json, when present, gives the config and its softmax scale
-(`config_files.read_release_dir`). `open_checkpoint` reads only JSON and safetensors
-headers; `validate` then proves that every tensor the model needs is present with the
-right shape and a float dtype, and that no tensor is left unaccounted for, before a
-single weight is read.
+(`smallfour.config.files.read_release_dir`). `open_checkpoint` reads only JSON and
+safetensors headers; `validate` then proves that every tensor the model needs is present
+with the right shape and a float dtype, and that no tensor is left unaccounted for,
+before a single weight is read.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 from typing import Literal
 
 from smallfour import config as config_lib
-from smallfour import config_files
+from smallfour.config import files as config_files
 from smallfour.checkpoint import keymap
 from smallfour.checkpoint.assemble import CheckpointError, check_shapes
 from smallfour.checkpoint.safetensors_source import SafetensorsSource

@@ -1,4 +1,4 @@
-"""Chat for Mistral Small 4: OpenAI-style requests -> prompt ids -> structured answers.
+"""The chat tokenizer: OpenAI-style requests -> prompt ids -> structured answers.
 
     tok = ChatTokenizer.from_file("/data/small4-bf16/tekken.json")  # or .builtin()
     prompt = tok.encode({"messages": [{"role": "user", "content": "Hi"}],
@@ -8,9 +8,9 @@
 
 Prompts are encoded by mistral-common's request encoder (Tekken v15: the [MODEL_SETTINGS]
 block carries `reasoning_effort`), never by a template of ours. Before it, the request is
-checked here so that a bad one fails with an error that names the message and field
-(shared/spec/CHAT_FORMAT.md §2); mistral-common's own checks follow. The output side is in
-`smallfour.chat_output`.
+checked (`smallfour.chat.checks`) so that a bad one fails with an error that names the
+message and field; mistral-common's own checks follow. The output side is in
+`smallfour.chat.output`.
 """
 
 from __future__ import annotations
@@ -30,17 +30,10 @@ from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, SpecialTok
 from mistral_common.tokens.tokenizers.base import TokenizerVersion
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from smallfour import chat_output, chat_vocab
-from smallfour.chat_output import Delta, StreamParser
-from smallfour.inference.engine import RequestError
-
-__all__ = ["ChatRequestError", "ChatTokenizer", "Delta", "StreamParser", "TokenizerFileError"]
-
-ROLES = ("system", "user", "assistant", "tool")
-
-
-class ChatRequestError(RequestError):
-  """A request that cannot be encoded; the message names the culprit."""
+from smallfour.chat import output as chat_output
+from smallfour.chat import vocab as chat_vocab
+from smallfour.chat.checks import ChatRequestError, checked_messages, checked_tools, one_line
+from smallfour.chat.output import Delta, StreamParser
 
 
 class TokenizerFileError(ValueError):
@@ -66,7 +59,7 @@ class ChatTokenizer:
     except (MistralCommonException, ValueError, KeyError, AssertionError) as e:
       raise TokenizerFileError(f"{path} is not a Tekken tokenizer file that mistral-common "
                                f"loads (its name must contain 'tekken' and end in .json): "
-                               f"{_one_line(e)}") from e
+                               f"{one_line(e)}") from e
     version = mistral.instruct_tokenizer.tokenizer.version
     if version != TokenizerVersion.v15:
       raise TokenizerFileError(f"{path} is a {version.value} tokenizer; Mistral Small 4's "
@@ -75,7 +68,7 @@ class ChatTokenizer:
 
   @classmethod
   def builtin(cls) -> ChatTokenizer:
-    """The built-in v15 tokenizer (smallfour.chat_vocab), loaded once per process."""
+    """The built-in v15 tokenizer (smallfour.chat.vocab), loaded once per process."""
     return _builtin()
 
   @property
@@ -103,15 +96,15 @@ class ChatTokenizer:
     """
     if not isinstance(request, dict):
       raise ChatRequestError(f"a request is a JSON object, got {type(request).__name__}")
-    messages = _checked_messages(request.get("messages"))
-    tools = _checked_tools(request.get("tools"))
+    messages = checked_messages(request.get("messages"))
+    tools = checked_tools(request.get("tools"))
     effort = self._checked_effort(request.get("reasoning_effort"))
     try:
       parsed = ChatCompletionRequest.from_openai(messages, tools=tools,
                                                  reasoning_effort=effort)
       return list(self.mistral.encode_chat_completion(parsed).tokens)
     except (MistralCommonException, ValueError, KeyError, TypeError) as e:
-      raise ChatRequestError(f"mistral-common rejected the request: {_one_line(e)}") from e
+      raise ChatRequestError(f"mistral-common rejected the request: {one_line(e)}") from e
 
   def _checked_effort(self, effort: Any) -> Any:
     if effort is not None and effort not in self.reasoning_efforts:
@@ -136,7 +129,7 @@ class ChatTokenizer:
     if isinstance(messages, list) and not any(
         isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
       raise ChatRequestError("no assistant message: nothing to train on")
-    messages = _checked_messages(messages, last_roles=("assistant",))
+    messages = checked_messages(messages, last_roles=("assistant",))
     ids = self._encode_finetuning(request, messages)
     mask = [False] * len(ids)
     for i, m in enumerate(messages):
@@ -156,10 +149,10 @@ class ChatTokenizer:
     effort = self._checked_effort(request.get("reasoning_effort"))
     try:
       parsed = ChatCompletionRequest.from_openai(
-          messages, tools=_checked_tools(request.get("tools")), reasoning_effort=effort)
+          messages, tools=checked_tools(request.get("tools")), reasoning_effort=effort)
       return list(self._finetuning.encode_chat_completion(parsed).tokens)
     except (MistralCommonException, ValueError, KeyError, TypeError) as e:
-      raise ChatRequestError(f"mistral-common rejected the request: {_one_line(e)}") from e
+      raise ChatRequestError(f"mistral-common rejected the request: {one_line(e)}") from e
 
   @functools.cached_property
   def _finetuning(self) -> MistralTokenizer:
@@ -174,7 +167,7 @@ class ChatTokenizer:
 
   def parse(self, ids: Iterable[int], rng: random.Random | None = None) -> dict:
     """Generated ids -> {"reasoning", "content", "tool_calls", "finish_reason"};
-    see `chat_output.parse`. Never raises on model output."""
+    see `smallfour.chat.output.parse`. Never raises on model output."""
     return chat_output.parse(ids, self.output, rng)
 
   def stream_parser(self, rng: random.Random | None = None) -> StreamParser:
@@ -203,118 +196,3 @@ def _output_tokens(mistral: MistralTokenizer) -> chat_output.OutputTokens:
       args=marker(SpecialTokens.args), think=marker(SpecialTokens.begin_think),
       end_think=marker(SpecialTokens.end_think), num_special=tekken.num_special_tokens,
       vocab_size=tekken.n_words, piece=tekken.id_to_byte_piece)
-
-
-def _checked_messages(messages: Any, last_roles: tuple[str, ...] = ("user", "tool")
-                      ) -> list[dict]:
-  """The messages, checked where mistral-common's errors would not name the culprit, with
-  Mistral-style thinking chunks ({"thinking": [text chunks]}) flattened to strings.
-
-  A prompt ends with a user or tool message; a training example (`last_roles`
-  ("assistant",)) with the assistant turn it teaches."""
-  if not isinstance(messages, list) or not messages:
-    raise ChatRequestError("messages: expected a non-empty list of messages")
-  out, calls, previous = [], set(), None
-  for i, m in enumerate(messages):
-    where = f"messages[{i}]"
-    if not isinstance(m, dict):
-      raise ChatRequestError(f"{where}: expected an object with a role, got {type(m).__name__}")
-    role = m.get("role")
-    if role not in ROLES:
-      raise ChatRequestError(f"{where}.role: unknown role {role!r}; expected one of "
-                             f"{', '.join(ROLES)}")
-    if i == 0 and role not in ("system", "user"):
-      raise ChatRequestError(f"{where}.role: a conversation starts with a system or user "
-                             f"message, not {role}")
-    m = dict(m)
-    if role == "assistant":
-      m["content"] = _assistant_content(m.get("content"), where)
-      batch = _call_ids(m.get("tool_calls"), where)
-      calls = calls | batch if previous == "assistant" else batch
-    else:
-      _check_content(m.get("content"), f"{where}.content")
-    if role == "tool" and m.get("tool_call_id") not in calls:
-      raise ChatRequestError(
-          f"{where}.tool_call_id: {m.get('tool_call_id')!r} answers no tool call of the "
-          f"assistant message before it (its calls: {sorted(calls) or 'none'})")
-    if role in ("system", "user"):
-      calls = set()
-    out.append(m)
-    previous = role
-  if previous in last_roles:
-    return out
-  where = f"messages[{len(messages) - 1}].role: the request ends with a message of role"
-  if last_roles == ("assistant",):
-    raise ChatRequestError(f"{where} {previous!r}; a training example ends with the "
-                           "assistant turn it teaches")
-  raise ChatRequestError(f"{where} {previous!r}; the model answers a user or tool message "
-                         "(continuing an assistant turn is not supported)")
-
-
-def _check_content(content: Any, where: str) -> None:
-  """System, user and tool content: a string or a list of text chunks."""
-  if isinstance(content, str):
-    return
-  if not isinstance(content, list):
-    raise ChatRequestError(f"{where}: expected a string or a list of text chunks, got "
-                           f"{type(content).__name__}")
-  for j, chunk in enumerate(content):
-    kind = chunk.get("type") if isinstance(chunk, dict) else None
-    if kind in ("image_url", "image"):
-      raise ChatRequestError(f"{where}[{j}]: an image: encode requests with images with "
-                             "smallfour.chat_images.encode_with_images")
-    if kind != "text" or not isinstance(chunk.get("text"), str):
-      raise ChatRequestError(f'{where}[{j}]: expected {{"type": "text", "text": str}}')
-
-
-def _assistant_content(content: Any, where: str) -> Any:
-  """Assistant content with each thinking chunk's text as one string, as mistral-common
-  wants it (the Mistral API sends a list of text chunks)."""
-  if not isinstance(content, list):
-    return content
-  out = []
-  for j, chunk in enumerate(content):
-    if isinstance(chunk, dict) and isinstance(chunk.get("thinking"), list):
-      _check_content(chunk["thinking"], f"{where}.content[{j}].thinking")
-      chunk = {**chunk, "thinking": "".join(c["text"] for c in chunk["thinking"])}
-    out.append(chunk)
-  return out
-
-
-def _call_ids(tool_calls: Any, where: str) -> set:
-  if tool_calls is None:
-    return set()
-  if not isinstance(tool_calls, list):
-    raise ChatRequestError(f"{where}.tool_calls: expected a list, got "
-                           f"{type(tool_calls).__name__}")
-  ids = set()
-  for j, call in enumerate(tool_calls):
-    if not isinstance(call, dict) or not isinstance(call.get("id"), str):
-      raise ChatRequestError(f'{where}.tool_calls[{j}]: expected {{"id": str, "type": '
-                             '"function", "function": {"name", "arguments"}}')
-    ids.add(call["id"])
-  return ids
-
-
-def _checked_tools(tools: Any) -> list[dict] | None:
-  """Each tool's `parameters` must be a JSON Schema object: the model's arguments are one."""
-  if tools is None:
-    return None
-  if not isinstance(tools, list):
-    raise ChatRequestError(f"tools: expected a list, got {type(tools).__name__}")
-  for i, tool in enumerate(tools):
-    function = tool.get("function") if isinstance(tool, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-      raise ChatRequestError(f'tools[{i}]: expected {{"type": "function", "function": '
-                             '{"name": str, "description": str, "parameters": {...}}}')
-    params = function.get("parameters", {})
-    if not isinstance(params, dict) or params.get("type", "object") != "object":
-      got = params.get("type") if isinstance(params, dict) else type(params).__name__
-      raise ChatRequestError(f"tools[{i}].function.parameters: must be a JSON Schema object "
-                             f'({{"type": "object", ...}}), got {got!r}')
-  return tools
-
-
-def _one_line(e: BaseException) -> str:
-  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-  return "; ".join(lines[:3]) or type(e).__name__

@@ -13,8 +13,8 @@ import json
 import os
 from typing import Any, Callable, Mapping
 
-from smallfour.config import SMALLFOUR_CONFIG_FILE, ConfigError, TextConfig
-from smallfour.config_formats import from_hf, from_hub, from_params
+from smallfour.config.formats import from_hf, from_hub, from_params
+from smallfour.config.model import SMALLFOUR_CONFIG_FILE, ConfigError, TextConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,9 +7,10 @@ its `vision` field holds the Pixtral encoder and projector of the multimodal wra
 (None for a text-only model), so that everything that reads, stores or restores a
 config carries both.
 
-The released formats are read and written by `config_formats` (`from_hf`, `from_params`,
-`to_hf`, `to_params`, `from_hub`: one field table, each format with its own reference's
-semantics) and directories by `config_files` (`load_dir`, `load_file`).
+The released formats are read and written by `smallfour.config.formats` (`from_hf`,
+`from_params`, `to_hf`, `to_params`, `from_hub`: the field tables of `text_fields` and
+`vision_fields`, each format with its own reference's semantics) and directories by
+`smallfour.config.files` (`load_dir`, `load_file`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Literal, Mapping
 
 SoftmaxScaleMode = Literal["plain", "hf_mscale_fold"]
 SOFTMAX_SCALE_MODES: tuple[str, ...] = ("plain", "hf_mscale_fold")
-# Which reference's image preprocessing a checkpoint is read with (smallfour.images).
+# Which reference's image preprocessing a checkpoint is read with (smallfour.chat.image_processing).
 ImageProcessor = Literal["transformers", "mistral_common"]
 IMAGE_PROCESSORS: tuple[str, ...] = ("transformers", "mistral_common")
 

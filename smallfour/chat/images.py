@@ -4,7 +4,7 @@
     engine.generate([ids], n, images=[pixels])
 
 Each image part of a user or tool message (`{"type": "image_url", "image_url": {"url":
-...}}` or `"image_url": "..."`) is loaded here (`smallfour.images.load`: data URLs and
+...}}` or `"image_url": "..."`) is loaded here (`image_processing.load`: data URLs and
 local paths; network URLs refused), then mistral-common encodes the request with the
 loaded images (its v15 rules: images only in user and tool turns, a lone trailing image
 moved to the front). Pixels and image tokens follow the model's image processor: with
@@ -22,8 +22,9 @@ from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.chunk import ImageChunk, ImageURLChunk
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-from smallfour import chat, images
-from smallfour.chat import ChatRequestError, ChatTokenizer
+from smallfour.chat import checks, image_processing
+from smallfour.chat.checks import ChatRequestError
+from smallfour.chat.tokenizer import ChatTokenizer
 from smallfour.config import VisionConfig
 
 _IMAGE_PARTS = ("image_url", "image")
@@ -37,11 +38,11 @@ def encode_with_images(tok: ChatTokenizer, request: dict[str, Any], vision: Visi
     raise ChatRequestError(f"a request is a JSON object, got {type(request).__name__}")
   messages, loaded = _split_images(request.get("messages"))
   _check_tokenizer(tok, vision)
-  checked = chat._checked_messages(_without_images(messages))
+  checked = checks.checked_messages(_without_images(messages))
   # The checks flatten assistant content only: user and tool parts keep their places.
   checked = [{**c, "content": m["content"]} if m.get("role") in ("user", "tool") else c
              for m, c in zip(messages, checked)]
-  tools = chat._checked_tools(request.get("tools"))
+  tools = checks.checked_tools(request.get("tools"))
   effort = request.get("reasoning_effort")
   if effort is not None and effort not in tok.reasoning_efforts:
     allowed = ", ".join(repr(v) for v in tok.reasoning_efforts)
@@ -54,7 +55,7 @@ def encode_with_images(tok: ChatTokenizer, request: dict[str, Any], vision: Visi
                            if isinstance(c, ImageURLChunk) else c for c in message.content]
     encoded = tok.mistral.encode_chat_completion(parsed)
   except (MistralCommonException, ValueError, KeyError, TypeError, AssertionError) as e:
-    raise ChatRequestError(f"mistral-common rejected the request: {chat._one_line(e)}") from e
+    raise ChatRequestError(f"mistral-common rejected the request: {checks.one_line(e)}") from e
   ids, pixels = list(encoded.tokens), [np.asarray(p, np.float32) for p in encoded.images]
   if (processor or vision.image_processor) == "transformers":
     # Images keep their order in the prompt (only a message's lone image ever moves).
@@ -80,8 +81,8 @@ def _split_images(messages: Any) -> tuple[Any, list]:
           raise ChatRequestError(f"{where}: images go in user and tool messages, not "
                                  f"{m.get('role')!r} ones")
         try:
-          loaded.append(images.load(_url(part, where), where))
-        except images.ImageError as e:
+          loaded.append(image_processing.load(_url(part, where), where))
+        except image_processing.ImageError as e:
           raise ChatRequestError(str(e)) from None
         part = {"type": "image_url", "image_url": {"url": str(len(loaded) - 1)}}
       content.append(part)
@@ -135,7 +136,7 @@ def _as_transformers(ids: list[int], loaded: list, vision: VisionConfig
       continue
     while ids[i] != vision.image_end_token_id:
       i += 1
-    tokens, image = images.encode(loaded[k], vision, "transformers")
+    tokens, image = image_processing.encode(loaded[k], vision, "transformers")
     out += tokens
     pixels.append(image)
     i, k = i + 1, k + 1
