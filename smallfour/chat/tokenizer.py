@@ -33,7 +33,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from smallfour.chat import output as chat_output
 from smallfour.chat import vocab as chat_vocab
 from smallfour.chat.checks import ChatRequestError, checked_messages, checked_tools, one_line
-from smallfour.chat.output import Delta, StreamParser
+from smallfour.chat.output import StreamParser
 
 
 class TokenizerFileError(ValueError):
@@ -189,7 +189,9 @@ def _output_tokens(mistral: MistralTokenizer) -> chat_output.OutputTokens:
   tekken = mistral.instruct_tokenizer.tokenizer
 
   def marker(token: SpecialTokens) -> int | None:
-    return tekken.get_special_token(token) if tekken.is_special(str(token)) else None
+    # `.value`, not `str()`: SpecialTokens is a (str, Enum) before mistral-common 1.13, whose
+    # str() is "SpecialTokens.args", not "[ARGS]".
+    return tekken.get_special_token(token.value) if tekken.is_special(token.value) else None
 
   return chat_output.OutputTokens(
       eos=tekken.eos_id, tool_calls=marker(SpecialTokens.tool_calls),
