@@ -6,8 +6,10 @@ holds every module of the source tree, installs it into a scratch venv and runs 
 launchers from another directory against it.
 """
 
+import configparser
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +21,18 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Source folder -> the package it installs as (configs/ is smallfour.configs, see setup.cfg).
 SOURCES = {"smallfour": "smallfour", "configs": "smallfour/configs"}
+
+
+def _lowest(requirement: str) -> str:
+  """The `>=` bound of an install_requires entry of setup.cfg (read, so the test and the
+  declared requirement cannot drift)."""
+  cfg = configparser.ConfigParser()
+  cfg.read(ROOT / "setup.cfg")
+  for line in cfg["options"]["install_requires"].splitlines():
+    found = re.fullmatch(rf"{re.escape(requirement)}(\[[\w,]+\])?>=([\w.]+)", line.strip())
+    if found:
+      return found[2]
+  raise AssertionError(f"setup.cfg's install_requires has no {requirement}>=...")
 
 
 def _source_modules() -> set[str]:
@@ -65,15 +79,23 @@ def test_installed_wheel_runs_outside_the_repository(wheel, tmp_path):
   # so `smallfour` can only come from the wheel.
   pathlib.Path(purelib.strip(), "deps.pth").write_text(
       "\n".join(p for p in sys.path if p.endswith("-packages")))
-  subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q",
-                  "--target", purelib.strip(), str(wheel)], check=True, capture_output=True)
+  # The lowest mistral-common setup.cfg allows, ahead of this environment's (newer) one:
+  # the chat format must hold with it (its own dependencies are this environment's).
+  mistral_common = _lowest("mistral-common")
+  for package in (str(wheel), f"mistral-common=={mistral_common}"):
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q",
+                                "--target", purelib.strip(), package],
+                               capture_output=True, text=True)
+    assert installed.returncode == 0, f"{package}: {installed.stderr[-3000:]}"
   work = tmp_path / "elsewhere"
   work.mkdir()
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+  env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # the built-in tokenizer is written anew
   modules = sorted(m[:-3].replace("/", ".").removesuffix(".__init__")
                    for m in _source_modules())
-  check = ("import importlib, smallfour\n"
+  check = ("import importlib, mistral_common, smallfour\n"
            f"assert smallfour.__file__.startswith({str(env_dir)!r}), smallfour.__file__\n"
+           f"assert mistral_common.__version__ == {mistral_common!r}, mistral_common.__version__\n"
            f"for m in {modules!r}: importlib.import_module(m)\n")
   run = lambda *args: subprocess.run(  # noqa: E731
       [python, *args], cwd=work, env=env, capture_output=True, text=True, timeout=600)
@@ -81,6 +103,11 @@ def test_installed_wheel_runs_outside_the_repository(wheel, tmp_path):
   assert imported.returncode == 0, imported.stderr[-3000:]
   for launcher, *flags in (("info.py", "--config=tiny"),
                            ("generate.py", "--config=tiny", "--prompt_ids=1,2,3",
-                            "--max_new_tokens=2")):
+                            "--max_new_tokens=2"),
+                           # the built-in tokenizer: written from the installed
+                           # mistral-common's vocabulary, then its chat encoding
+                           ("generate.py", "--config=tiny", "--prompt=Hello there",
+                            "--reasoning_effort=high", "--max_new_tokens=2")):
     result = run(str(ROOT / "launch" / launcher), *flags)
-    assert result.returncode == 0, f"{launcher}: {result.stderr[-3000:]}"
+    assert result.returncode == 0, f"{launcher} {flags}: {result.stderr[-3000:]}"
+  assert list((tmp_path / "cache" / "smallfour").glob(f"*_mc{mistral_common}_*.json"))

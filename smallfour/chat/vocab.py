@@ -51,11 +51,17 @@ def build(source: str | os.PathLike) -> dict:
       "config": {**config, "num_vocab_tokens": used, "default_num_special_tokens": NUM_SPECIAL,
                  "version": "v15"},
       "vocab": data["vocab"][:used],  # ranks past the id space are never used
-      "special_tokens": [{"rank": i, "token_str": str(CONTROL_IDS.get(i, f"<SPECIAL_{i}>")),
-                          "is_control": True} for i in range(NUM_SPECIAL)],
+      "special_tokens": [{"rank": i, "token_str": _token_str(i), "is_control": True}
+                         for i in range(NUM_SPECIAL)],
       "image": IMAGE,
       "model_settings_builder": MODEL_SETTINGS,
   }
+
+
+def _token_str(i: int) -> str:
+  """`.value`, not `str()`: before mistral-common 1.13, SpecialTokens is a (str, Enum) whose
+  str() is "SpecialTokens.img", not "[IMG]"."""
+  return CONTROL_IDS[i].value if i in CONTROL_IDS else f"<SPECIAL_{i}>"
 
 
 def builtin_tekken_path() -> pathlib.Path:
