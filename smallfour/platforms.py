@@ -17,11 +17,19 @@ from __future__ import annotations
 
 import os
 
-from jax._src import hardware_utils
+# jax's own PCI scan for TPU chips, private: jax has no public way to ask before a backend
+# starts (jax.devices() would start libtpu, the thing to quiet). If a jax release moves it,
+# nothing is touched here (libtpu only warns again) and tests/test_platforms.py fails,
+# naming the symbol.
+TPU_SCAN = "jax._src.hardware_utils.num_available_tpu_chips_and_device_id"
+try:
+  from jax._src.hardware_utils import num_available_tpu_chips_and_device_id as _tpu_scan
+except ImportError:
+  _tpu_scan = None
 
 
 def quiet_libtpu_without_tpus(environ=os.environ) -> None:
-  if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+  if _tpu_scan is None or _tpu_scan()[0]:
     return
   environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")
   environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
