@@ -26,7 +26,6 @@ on its share of the mesh and only process 0 prints and writes.
 import json
 import sys
 import time
-from typing import NoReturn
 
 import jax
 from absl import app, flags
@@ -85,26 +84,12 @@ _OUTPUT_JSON = flags.DEFINE_string("output_json", None,
                                    "Write the prompt and the answer here as JSON.")
 
 
-def _fail(message: str) -> NoReturn:
-  """An input (checkpoint, tokenizer, request) is wrong: one line, without the usage text."""
-  raise SystemExit(f"error: {message}")
-
-
-def _config() -> TextConfig:
-  if (_CKPT.value is None) == (_CONFIG.value is None):
-    raise app.UsageError("give exactly one of --ckpt and --config")
-  try:
-    return loading.config(ckpt=_CKPT.value, config=_CONFIG.value)
-  except loading.LoadError as e:
-    _fail(str(e))
-
-
 def _load_model(cfg: TextConfig) -> tuple[Transformer, jax.sharding.Mesh | None]:
   try:
     return loading.model(cfg, ckpt=_CKPT.value, mesh_spec=_MESH.value, dtype=_DTYPE.value,
                          seed=_SEED.value, **_WEIGHTS.values())
   except loading.LoadError as e:
-    _fail(str(e))
+    loading.fail(str(e))
 
 
 def _tokenizer(cfg: TextConfig, required: bool) -> ChatTokenizer | None:
@@ -114,7 +99,7 @@ def _tokenizer(cfg: TextConfig, required: bool) -> ChatTokenizer | None:
                              path=_TOKENIZER.value)
   except loading.LoadError as e:
     if required:
-      _fail(f"{e} (or give raw --prompt_ids)")
+      loading.fail(f"{e} (or give raw --prompt_ids)")
     return None
 
 
@@ -137,7 +122,7 @@ def _request() -> dict | None:
       with open(_MESSAGES.value, encoding="utf-8") as f:
         request = json.load(f)
     except (OSError, ValueError) as e:
-      _fail(f"--messages={_MESSAGES.value}: {e}")
+      loading.fail(f"--messages={_MESSAGES.value}: {e}")
     request = {"messages": request} if isinstance(request, list) else request
   if _REASONING.value is not None and isinstance(request, dict):
     request = {**request, "reasoning_effort": _REASONING.value}
@@ -205,7 +190,7 @@ def _encode(cfg: TextConfig, request: dict | None,
     ids = [int(t) for t in _PROMPT_IDS.value] if request is None else tok.encode(request)
     return ids, []
   if cfg.vision is None:
-    _fail("images given, but the model has no vision encoder")
+    loading.fail("images given, but the model has no vision encoder")
   if request is not None:
     return encode_with_images(tok, request, cfg.vision, _IMAGE_PROCESSOR.value)
   encoded = [image_processing.encode(image_processing.load(path, path), cfg.vision,
@@ -229,14 +214,14 @@ def main(argv):
   del argv
   logs.library_logs_at_warning()
   request = _request()
-  cfg = _config()
+  cfg = loading.config_from_flags(_CKPT.value, _CONFIG.value)
   # Raw ids need no tokenizer; a dry run shows them as text when there is one.
   tok = _tokenizer(cfg, required=True) if request is not None else (
       _tokenizer(cfg, required=False) if _DRY_RUN.value else None)
   try:
     prompt, pixels = _encode(cfg, request, tok)
   except (ValueError, ChatRequestError) as e:
-    _fail(f"bad prompt: {e}")
+    loading.fail(f"bad prompt: {e}")
   sampling, max_new = _sampling((request or {}).get("reasoning_effort") or "none")
   if _DRY_RUN.value:
     return _dry_run(prompt, tok, f"{sampling}, max_new_tokens={max_new}")
@@ -266,7 +251,7 @@ def main(argv):
         terminal.show(deltas[shown:])
       shown = len(deltas)
   except RequestError as e:
-    _fail(str(e))
+    loading.fail(str(e))
   seconds = time.perf_counter() - start
   if parser is None:
     answer = {"finish_reason": "stop" if generated[-1:] == [cfg.eos_token_id] else "length"}

@@ -57,13 +57,13 @@ def main(argv):
   for flag in (_MAX_BATCH, _MAX_LEN, _MAX_QUEUE, _PREFILL_CHUNK):
     if flag.value < (0 if flag is _MAX_QUEUE else 1):
       raise app.UsageError(f"--{flag.name} must be positive, got {flag.value}")
+  cfg = loading.config_from_flags(_CKPT.value, _CONFIG.value)
   try:
-    cfg = loading.config(ckpt=_CKPT.value, config=_CONFIG.value)
     tok = loading.tokenizer(cfg, ckpt=_CKPT.value, config=_CONFIG.value, path=_TOKENIZER.value)
     model, mesh = loading.model(cfg, ckpt=_CKPT.value, mesh_spec=_MESH.value,
                                 dtype=_DTYPE.value, seed=_SEED.value, **_WEIGHTS.values())
   except loading.LoadError as e:
-    raise SystemExit(f"error: {e}") from None
+    loading.fail(str(e))
   batcher = Batcher(model, max_batch=_MAX_BATCH.value, max_len=_MAX_LEN.value,
                     max_queue=_MAX_QUEUE.value, prefill_chunk=_PREFILL_CHUNK.value,
                     eos_id=tok.eos_id, mesh=mesh)
@@ -74,7 +74,7 @@ def main(argv):
   try:
     Server(batcher, tok, name, host=_HOST.value, port=_PORT.value).run()
   except EngineFailed as e:
-    raise SystemExit(f"error: {e}") from None
+    loading.fail(str(e))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ skips it; the same command run again later trains nothing and exports).
 import json
 import os
 import sys
-from typing import NoReturn
 
 import jax
 from absl import app, flags
@@ -78,19 +77,6 @@ _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 100,
                                          "the last).")
 
 
-def _fail(message: str) -> NoReturn:
-  raise SystemExit(f"error: {message}")
-
-
-def _config() -> TextConfig:
-  if (_CKPT.value is None) == (_CONFIG.value is None):
-    raise app.UsageError("give exactly one of --ckpt and --config")
-  try:
-    return loading.config(ckpt=_CKPT.value, config=_CONFIG.value)
-  except loading.LoadError as e:
-    _fail(str(e))
-
-
 def _mesh(cfg: TextConfig) -> jax.sharding.Mesh | None:
   try:
     return loading.mesh(cfg, _MESH.value)
@@ -103,7 +89,7 @@ def _model(cfg: TextConfig) -> Transformer:
     return loading.model(cfg, ckpt=_CKPT.value, mesh_spec=_MESH.value, dtype=_DTYPE.value,
                          seed=_SEED.value)[0]
   except loading.LoadError as e:
-    _fail(str(e))
+    loading.fail(str(e))
 
 
 def _base() -> dict:
@@ -117,13 +103,13 @@ def _tokenizer(cfg: TextConfig) -> ChatTokenizer:
   try:
     return loading.tokenizer(cfg, ckpt=_CKPT.value, config=_CONFIG.value, path=_TOKENIZER.value)
   except loading.LoadError as e:
-    _fail(str(e))
+    loading.fail(str(e))
 
 
 def main(argv):
   del argv
   logs.library_logs_at_warning()  # orbax logs every save at INFO
-  cfg = _config()
+  cfg = loading.config_from_flags(_CKPT.value, _CONFIG.value)
   tok = _tokenizer(cfg)
   lora = LoraConfig(_LORA_RANK.value, tuple(_LORA_TARGETS.value)) if _LORA_RANK.value else None
   run = loop.RunConfig(
@@ -139,7 +125,7 @@ def main(argv):
     history = loop.train(lambda: _model(cfg), cfg, tok, run, mesh=mesh, base=_base(),
                          log=lambda m: print(m, file=sys.stderr))
   except (data.DataError, loop.RunError) as e:
-    _fail(str(e))
+    loading.fail(str(e))
   if history:
     first, last = history[0], history[-1]
     speed = sum(r["tokens_per_s"] for r in history[1:]) / max(len(history) - 1, 1)

@@ -1,21 +1,23 @@
 """A model and its tokenizer from a converted checkpoint or a preset, for the launchers.
 
     cfg = loading.config(ckpt="/data/small4-bf16")    # or config="tiny" / a directory
-    model, mesh = loading.model(cfg, ckpt=..., mesh="data:1,expert:8,tensor:1")
+    model, mesh = loading.model(cfg, ckpt=..., mesh_spec="data:1,expert:8,tensor:1")
     tok = loading.tokenizer(cfg, ckpt=...)            # --tokenizer, the checkpoint's, built-in
 
 Every input fault (a checkpoint that is not one, a mesh that does not fit, a tokenizer file
-that is missing or does not fit the model) is a `LoadError` whose message fits on one line.
+that is missing or does not fit the model) is a `LoadError` whose message fits on one line;
+a launcher ends with it through `fail` ("error: ...", no usage text).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import NoReturn
 
 import jax
 import jax.numpy as jnp
-from absl import flags
+from absl import app, flags
 from flax import nnx
 
 from smallfour import configs, sharding
@@ -31,14 +33,31 @@ class LoadError(ValueError):
   """A checkpoint, preset, mesh or tokenizer that cannot be used; the message says why."""
 
 
+def fail(message: str) -> NoReturn:
+  """A launcher's input (checkpoint, tokenizer, request) is wrong: exits with one line,
+  without the usage text that `app.UsageError` prints."""
+  raise SystemExit(f"error: {message}")
+
+
 def config(*, ckpt: str | None = None, config: str | None = None) -> TextConfig:
-  """The model config of exactly one of a checkpoint and a preset (name or directory)."""
+  """The model config of exactly one of a checkpoint and a preset (name or directory).
+
+  Giving both or neither is a usage error (`app.UsageError`: a launcher shows its flags).
+  """
   if (ckpt is None) == (config is None):
-    raise LoadError("give exactly one of a checkpoint (--ckpt) and a config (--config)")
+    raise app.UsageError("give exactly one of --ckpt and --config")
   try:
     return restore.read_config(ckpt) if ckpt else configs.resolve(config)
   except (CheckpointError, ConfigError) as e:
     raise LoadError(str(e)) from None
+
+
+def config_from_flags(ckpt: str | None, preset: str | None) -> TextConfig:
+  """`config` for a launcher's --ckpt and --config values; `fail`s on a LoadError."""
+  try:
+    return config(ckpt=ckpt, config=preset)
+  except LoadError as e:
+    fail(str(e))
 
 
 def mesh(cfg: TextConfig, spec: str) -> jax.sharding.Mesh | None:
