@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats  # installed with jax
+from scipy import stats  # the test extra (setup.cfg)
 
 from smallfour.inference.sampling import Sampling, SamplingRows, sample, sample_rows
 
