@@ -52,9 +52,16 @@ class Router(nnx.Module):
     self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
     self.norm_topk_prob = cfg.norm_topk_prob
     self.routed_scaling_factor = cfg.routed_scaling_factor
+    # Off, so that inference and training trace nothing extra; `router_trace.trace` turns
+    # it on for one pass and collects what is sown with `nnx.capture`.
+    self.record = False
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x: [N, D] -> (weights [N, K] float32, expert ids [N, K] int32)."""
+    """x: [N, D] -> (weights [N, K] float32, expert ids [N, K] int32).
+
+    With `record` set, also sows (`nnx.Intermediate`) "scores" [N, E] (the softmax over
+    all routed experts), "choices" (the ids) and "weights".
+    """
     logits = jnp.einsum("nd,de->ne", x.astype(_F32), self.kernel[...].astype(_F32))
     scores = jax.nn.softmax(logits, axis=-1)
     choice = scores
@@ -70,7 +77,12 @@ class Router(nnx.Module):
     weights = jnp.take_along_axis(scores, ids, axis=-1)
     if self.norm_topk_prob:
       weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-    return weights * self.routed_scaling_factor, ids.astype(jnp.int32)
+    weights, ids = weights * self.routed_scaling_factor, ids.astype(jnp.int32)
+    if self.record:
+      self.sow(nnx.Intermediate, "scores", scores)
+      self.sow(nnx.Intermediate, "choices", ids)
+      self.sow(nnx.Intermediate, "weights", weights)
+    return weights, ids
 
 
 class RoutedExperts(nnx.Module):
