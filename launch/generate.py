@@ -31,7 +31,7 @@ import jax
 from absl import app, flags
 
 from smallfour import distributed, loading, logs
-from smallfour.chat import ChatRequestError, ChatTokenizer, Delta, image_processing
+from smallfour.chat import ChatRequestError, ChatTokenizer, StreamPrinter, image_processing
 from smallfour.chat.images import encode_with_images
 from smallfour.chat.output import collect
 from smallfour.config import IMAGE_PROCESSORS, TextConfig
@@ -140,42 +140,6 @@ def _sampling(effort: str) -> tuple[Sampling, int]:
     raise app.UsageError(f"bad sampling flag: {e}") from None
 
 
-class _Terminal:
-  """Shows the answer as it comes: reasoning (dimmed on a terminal) and the answer under
-  their own headers, each tool call as `[tool call i] name (id ...)` over its arguments;
-  raw ids as numbers."""
-
-  def __init__(self, out=sys.stdout):
-    self.out = out
-    self.header = None
-    self.dim = out.isatty()
-
-  def raw(self, token: int) -> None:
-    self.out.write(f"{token} ")
-    self.out.flush()
-
-  def show(self, deltas: list[Delta]) -> None:
-    for d in deltas:
-      if d.kind == "reasoning":
-        self._under("[reasoning]")
-        self.out.write(f"\033[2m{d.text}\033[0m" if self.dim else d.text)
-      elif d.kind == "content":
-        self._under("[answer]")
-        self.out.write(d.text)
-      elif d.kind == "call":
-        self._under(f"[tool call {d.index}] {d.name} (id {d.id})")
-      elif d.kind == "arguments":
-        self.out.write(d.text)
-      elif d.kind == "error":
-        self._under(f"[tool call {d.index}: {d.text}]")
-    self.out.flush()
-
-  def _under(self, header: str) -> None:
-    if header != self.header:
-      self.out.write(("\n" if self.header else "") + header + "\n")
-      self.header = header
-
-
 def _has_images(request: dict | None) -> bool:
   return bool(_IMAGE.value) or request is not None and any(
       isinstance(m, dict) and isinstance(m.get("content"), list) and any(
@@ -233,7 +197,7 @@ def main(argv):
   model, mesh = _load_model(cfg)
   engine = Engine(model, max_len=_MAX_LEN.value or len(prompt) + max_new, mesh=mesh)
   parser = tok.stream_parser() if request is not None else None
-  terminal = _Terminal()
+  terminal = StreamPrinter()
   start = time.perf_counter()
   generated, deltas, shown = [], [], 0
   try:

@@ -1,6 +1,7 @@
 """Generated ids -> answer: hand-written sequences (spec §3.2, §4.2) and properties of random
 ones (parse never raises; the streamed deltas always add up to parse's result)."""
 
+import io
 import json
 import random
 
@@ -8,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smallfour.chat import ChatTokenizer
+from smallfour.chat import ChatTokenizer, StreamPrinter
 from smallfour.chat.output import Delta, collect
 
 # Control ids of Small 4's tekken.json (spec §1.3); the library resolves them by name.
@@ -157,6 +158,17 @@ def test_streaming_deltas(tok):
   assert deltas[3] == Delta("call", index=0, id=deltas[3].id, name="f")
   assert collect(deltas) == parse(tok, ids)
   assert collect(deltas)["tool_calls"][0]["arguments"] == '{"a": "é"}'
+
+
+def test_stream_printer_puts_each_part_under_its_header():
+  out = io.StringIO()
+  printer = StreamPrinter(out, dim=False)
+  printer.show([Delta("reasoning", "plan"), Delta("reasoning", " more"), Delta("content", "Hi"),
+                Delta("call", index=0, id="a1", name="f"), Delta("arguments", '{"x":', index=0),
+                Delta("arguments", " 1}", index=0), Delta("call", index=1, id="b2", name="g"),
+                Delta("error", "not JSON", index=1), Delta("finish", "tool_calls")])
+  assert out.getvalue() == ('[reasoning]\nplan more\n[answer]\nHi\n[tool call 0] f (id a1)\n'
+                            '{"x": 1}\n[tool call 1] g (id b2)\n[tool call 1: not JSON]\n')
 
 
 # Random sequences: the output grammar's parts (spec §4.1) with any of them left out, plus noise
