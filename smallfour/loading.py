@@ -156,3 +156,43 @@ def define_weights_flags() -> WeightsFlags:
           "dense_dtype", None, quant_lib.DENSE_DTYPES,
           "int8/int4: attention and shared experts as int8 or bfloat16 (default: the "
           "checkpoint's; bfloat16 for --config)."))
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineFlags:
+  """`--page_size`, `--cache_tokens`, `--max_num_batched_tokens`, `--prefix_caching`: the
+  paged cache and the step budget of a launcher's `Engine`."""
+
+  page_size: flags.FlagHolder
+  cache_tokens: flags.FlagHolder
+  max_num_batched_tokens: flags.FlagHolder
+  prefix_caching: flags.FlagHolder
+
+  def values(self) -> dict[str, int | bool | None]:
+    """The `Engine` keyword arguments the flags give; a bad value exits in one line."""
+    out = {f.name: getattr(self, f.name).value for f in dataclasses.fields(self)}
+    page = out["page_size"]
+    if page < 1 or page & (page - 1):
+      fail(f"--page_size must be a power of two, got {page}")
+    if out["cache_tokens"] is not None and out["cache_tokens"] < page:
+      fail(f"--cache_tokens={out['cache_tokens']} holds not one page of {page} tokens")
+    if out["max_num_batched_tokens"] < page:
+      fail(f"--max_num_batched_tokens={out['max_num_batched_tokens']} is less than a page "
+           f"({page}): prompt chunks are whole pages")
+    return out
+
+
+def define_engine_flags() -> EngineFlags:
+  """Defines the engine's cache and scheduling flags (once per launcher, at import)."""
+  return EngineFlags(
+      flags.DEFINE_integer("page_size", 16, "Tokens per page of the latent cache (a power "
+                           "of two)."),
+      flags.DEFINE_integer("cache_tokens", None,
+                           "Tokens the cache's page pool holds, all sequences together "
+                           "(default max_batch × max_len)."),
+      flags.DEFINE_integer("max_num_batched_tokens", 512,
+                           "Tokens one step feeds: a decode token per running sequence, then "
+                           "prompt chunks; bounds how long a new prompt pauses the streams."),
+      flags.DEFINE_bool("prefix_caching", True,
+                        "Keep full pages keyed by their tokens, so prompts that start alike "
+                        "(system prompts, earlier turns) reuse them."))

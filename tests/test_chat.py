@@ -208,7 +208,7 @@ def test_bad_requests_name_the_culprit_and_leave_the_engine_usable(tok, engine, 
 
 def test_prompt_longer_than_the_cache(tok, engine):
   long = tok.encode({"messages": [{"role": "user", "content": "word " * 80}]})
-  with pytest.raises(RequestError, match=rf"prompt 0 has {len(long)} tokens; the cache holds 64"):
+  with pytest.raises(RequestError, match=rf"prompt 0 has {len(long)} tokens; a sequence holds 64"):
     engine.generate([long], 2)
   assert len(engine.generate([tok.encode(REQUESTS["plain"])], 2)[0]) == 2
 

@@ -28,7 +28,7 @@ def test_greedy_equals_transformers_generate(plain):
   cfg = config_formats.from_hf(hf_cfg.to_dict())
   if plain:
     cfg = cfg.replace(softmax_scale_mode="plain")
-  engine = Engine(oracle.ours(hf, cfg), max_len=96, prefill_chunk=16)
+  engine = Engine(oracle.ours(hf, cfg), max_len=96)
   ours = engine.generate(PROMPTS, max_new_tokens=40)
   for prompt, got in zip(PROMPTS, ours):
     with torch.no_grad():
@@ -43,7 +43,7 @@ def test_greedy_equals_transformers_generate(plain):
 def tiny():
   cfg = configs.resolve("tiny")
   model = Transformer(cfg, rngs=nnx.Rngs(3))
-  return cfg, model, Engine(model, max_len=64, prefill_chunk=16)
+  return cfg, model, Engine(model, max_len=64)
 
 
 @nnx.jit
@@ -118,7 +118,7 @@ def test_cache_bytes_per_token():
 
 
 @pytest.mark.parametrize("prompts, max_new, match", [
-    ([list(range(1, 70))], 4, "prompt 0 has 69 tokens; the cache holds 64"),
+    ([list(range(1, 70))], 4, "prompt 0 has 69 tokens; a sequence holds 64"),
     ([[1, 2], []], 4, "prompt 1 is empty"),
     ([[1, 131072, -3]], 4, r"prompt 0 has token ids outside \[0, 131072\): \[131072, -3\]"),
     ([], 4, "no prompts"),

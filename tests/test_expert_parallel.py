@@ -113,7 +113,7 @@ def test_greedy_tokens_equal_on_every_mesh(hf_and_cfg):
   outputs = {}
   for spec in MESHES:
     mesh = _mesh(spec, cfg)
-    engine = Engine(oracle.ours(hf, cfg, mesh), max_len=64, prefill_chunk=16,
+    engine = Engine(oracle.ours(hf, cfg, mesh), max_len=64,
                     mesh=None if mesh.size == 1 else mesh)
     outputs[spec] = engine.generate(PROMPTS, max_new_tokens=24)
   assert all(len(o) == 24 for o in outputs[MESHES[0]])

@@ -21,7 +21,8 @@ from flax import nnx
 
 from smallfour import configs
 from smallfour.chat import ChatTokenizer
-from smallfour.inference.batcher import Batcher, Event
+from smallfour.inference.engine import Engine
+from smallfour.inference.requests import Event, Request
 from smallfour.nn.decoder import Transformer
 from smallfour.serve.server import Server
 
@@ -45,11 +46,15 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def server(tok):
-  model = Transformer(configs.resolve("tiny"), rngs=nnx.Rngs(0))
-  batcher = Batcher(model, max_batch=MAX_BATCH, max_len=MAX_LEN, max_queue=8, prefill_chunk=64,
-                    eos_id=tok.eos_id)
-  server = Server(batcher, tok, "tiny", port=0, log_level="warning")
+def model():
+  return Transformer(configs.resolve("tiny"), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def server(tok, model):
+  engine = Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, max_queue=8, eos_id=tok.eos_id,
+                  max_num_batched_tokens=64)
+  server = Server(engine, tok, "tiny", port=0, log_level="warning")
   server.start()
   yield server
   server.stop()
@@ -108,7 +113,12 @@ def test_streamed_deltas_add_up_to_the_answer(client, effort):
   assert streamed["content"] == (message.content or "")
   assert streamed["reasoning"] == (getattr(message, "reasoning_content", None) or "")
   assert streamed["finish"] == whole.choices[0].finish_reason
-  assert streamed["usage"] == whole.usage
+  for field in ("prompt_tokens", "completion_tokens", "total_tokens"):
+    assert getattr(streamed["usage"], field) == getattr(whole.usage, field)
+  # the same prompt again: all its whole pages but the one holding its last token are cached
+  page = 16
+  cached = streamed["usage"].prompt_tokens_details.cached_tokens
+  assert cached == (whole.usage.prompt_tokens - 1) // page * page
   assert whole.usage.completion_tokens <= 24 and whole.usage.prompt_tokens == 25  # spec §6.2
 
 
@@ -132,7 +142,7 @@ class _Scripted:
   """Stands in for the engine: answers every request with `ids` (random weights never call
   a tool), so the HTTP layer's tool-call path runs through the real client."""
 
-  max_batch, max_len, active, waiting, failure = 1, MAX_LEN, 0, 0, None
+  max_batch, context_tokens, active, waiting, failure = 1, MAX_LEN, 0, 0, None
 
   def __init__(self, ids):
     self.ids = ids
@@ -141,7 +151,7 @@ class _Scripted:
     del request
     for i, t in enumerate(self.ids):
       sink(Event(t, "stop" if i == len(self.ids) - 1 else None))
-    return types.SimpleNamespace(cancel=lambda: None)
+    return types.SimpleNamespace(cancel=lambda: None, cached_tokens=0)
 
   def start(self, on_failure=None):
     pass
@@ -203,6 +213,43 @@ def test_concurrent_greedy_answers_equal_each_alone(server):
   assert len(set(alone)) == len(alone)
 
 
+SYSTEM = "You are a careful assistant. " * 12
+
+
+def test_a_shared_prefix_is_served_from_the_cache(server, client, tok, model):
+  """The second conversation shares the first's system prompt: its cached tokens are at
+  least that prefix in whole pages, and its answer is the one computed without a cache."""
+  ask = lambda q: [{"role": "system", "content": SYSTEM}, *_user(q)]  # noqa: E731
+  first = client.chat.completions.create(model="tiny", messages=ask("Hi"), max_tokens=8)
+  second = client.chat.completions.create(model="tiny", messages=ask("Hello"), max_tokens=8)
+  ids = [tok.encode({"messages": ask(q)}) for q in ("Hi", "Hello")]
+  shared = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+  page = server.engine.page_size
+  assert shared > 4 * page
+  assert first.usage.prompt_tokens_details.cached_tokens <= page  # nothing shared before
+  assert second.usage.prompt_tokens_details.cached_tokens >= shared // page * page
+  uncached = Engine(model, max_batch=1, max_len=MAX_LEN, eos_id=tok.eos_id,
+                    prefix_caching=False)
+  (tokens, _), = uncached.run([Request(tuple(ids[1]), 8)])
+  assert second.choices[0].message.content == (tok.parse(tokens)["content"] or None)
+
+
+def test_metrics_in_the_prometheus_format(server, client):
+  client.chat.completions.create(model="tiny", messages=_user("Hi"), max_tokens=3)
+  with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as r:
+    text = r.read().decode()
+  values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+  for name in ("requests_running", "requests_waiting", "cache_pages_used",
+               "prefix_cache_hit_tokens_total", "preemptions_total"):
+    assert f"smallfour_{name}" in values, name
+  assert values["smallfour_cache_pages_total"] == MAX_BATCH * MAX_LEN // server.engine.page_size
+  assert values["smallfour_prompt_tokens_total"] > 0
+  assert values["smallfour_generation_tokens_total"] >= 3
+  assert values["smallfour_time_to_first_token_seconds_count"] >= 1
+  assert values["smallfour_inter_token_latency_seconds_count"] >= 2
+
+
 def _post_raw(server, data: bytes) -> tuple[int, dict]:
   request = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/chat/completions",
                                    data=data, headers={"Content-Type": "application/json"})
@@ -244,13 +291,13 @@ def test_the_client_raises_bad_request(client):
 def slow(server, monkeypatch):
   """Steps of at least 0.1 s: 200 tokens take 20 s, so a slot freed within 10 s was freed
   by the disconnect, not by the answer ending."""
-  step = server.batcher.step
+  step = server.engine.step
 
   def slow_step():
     time.sleep(0.1)
     return step()
 
-  monkeypatch.setattr(server.batcher, "step", slow_step)
+  monkeypatch.setattr(server.engine, "step", slow_step)
 
 
 def test_a_disconnect_frees_the_slot(server, client, slow):
@@ -271,7 +318,7 @@ def test_a_disconnect_frees_the_slot(server, client, slow):
 
 
 def test_a_full_queue_gets_429(server, client, slow, monkeypatch):
-  monkeypatch.setattr(server.batcher, "max_queue", 0)
+  monkeypatch.setattr(server.engine, "max_queue", 0)
   streams = [client.chat.completions.create(model="tiny", messages=_user(q), max_tokens=200,
                                             stream=True) for q in QUESTIONS[:MAX_BATCH]]
   try:
@@ -286,13 +333,13 @@ def test_a_full_queue_gets_429(server, client, slow, monkeypatch):
 
 def test_an_engine_failure_takes_the_server_down(tok, monkeypatch):
   model = Transformer(configs.resolve("tiny"), rngs=nnx.Rngs(0))
-  batcher = Batcher(model, max_batch=2, max_len=MAX_LEN, eos_id=tok.eos_id)
+  engine = Engine(model, max_batch=2, max_len=MAX_LEN, eos_id=tok.eos_id)
 
   def boom():
     raise RuntimeError("device lost")
 
-  monkeypatch.setattr(batcher, "step", boom)
-  server = Server(batcher, tok, "tiny", port=0, log_level="critical")
+  monkeypatch.setattr(engine, "step", boom)
+  server = Server(engine, tok, "tiny", port=0, log_level="critical")
   server.start()
   try:
     with pytest.raises(openai.APIError, match="device lost"):

@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from smallfour import configs
+from smallfour.inference import paged
 from smallfour.inference.engine import Engine, RequestError
 from smallfour.nn import multimodal
 from smallfour.nn.decoder import Transformer
@@ -57,11 +58,27 @@ def test_text_model_refuses_images():
 
 
 def test_images_and_their_rows_equal_teacher_forcing(engine):
-  """Prefill with images (patches padded to a bucket) gives the teacher-forced logits."""
+  """A paged prompt pass with images (patches padded to a bucket) gives the teacher-forced
+  logits."""
   ids = prompt_for((2, 2), (1, 3))
   pixels = [image(2, 2, seed=1), image(1, 3, seed=2)]
-  logits, _ = engine.prefill(ids, pixels)
-  model = nnx.merge(engine.graphdef, engine.state)
+  model = nnx.merge(engine.paged.graphdef, engine.paged.state)
+  size = paged.bucket(len(ids), engine.page_size)
+  tokens = np.zeros((1, size), np.int32)
+  tokens[0, :len(ids)] = ids
+  table = np.arange(size // engine.page_size, dtype=np.int32)[None]
+  logits, _ = paged.forward(model, engine.paged.zeros(), tokens, np.arange(size)[None], table,
+                            np.asarray([len(ids) - 1]), engine.paged.encode(pixels))
   forced = model(np.asarray([ids]), images=multimodal.pack(pixels, engine.cfg.vision))
   np.testing.assert_allclose(np.asarray(logits)[0], np.asarray(forced)[0, -1], atol=1e-5,
                              rtol=0)
+
+
+def test_images_split_over_prompt_chunks_give_the_same_answer():
+  """With a 16-token budget the two images' tokens arrive over several chunks."""
+  model = Transformer(configs.resolve("tiny"), rngs=nnx.Rngs(0))
+  ids = prompt_for((2, 2), (1, 3))
+  pixels = [[image(2, 2, seed=1), image(1, 3, seed=2)]]
+  whole = Engine(model, max_len=64, max_batch=1).generate([ids], 4, images=pixels)
+  chunked = Engine(model, max_len=64, max_batch=1, page_size=4, max_num_batched_tokens=8)
+  assert chunked.generate([ids], 4, images=pixels) == whole

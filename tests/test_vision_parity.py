@@ -81,7 +81,7 @@ def test_greedy_generation_with_images_equals_transformers(reference):
   want = out[0, len(tokens):].tolist()
   teacher = vision_oracle.logits(model, [tokens + want[:-1]], images)[0, len(tokens) - 1:]
   oracle.assert_clear_winners(teacher, want)
-  engine = Engine(ours, max_len=64, prefill_chunk=16)
+  engine = Engine(ours, max_len=64)
   assert engine.generate([tokens], 12, images=[images]) == [want]
   streamed = [step[0] for step in engine.stream([tokens], 12, images=[images])]
   assert streamed == want

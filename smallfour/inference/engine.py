@@ -1,339 +1,392 @@
-"""The inference engine: validated requests, bucketed prefill, insert, jitted generation.
+"""The one engine: requests in, tokens out, over a paged latent cache.
 
-The jit boundary is functional: the model is split once into (graphdef, state) and
-every compiled function takes the state as an argument and merges inside, so weights
-are never baked into executables. The cache is donated to every step. Prompt lengths
-are padded to power-of-two buckets, so a handful of prefill shapes compile.
+    engine = Engine(model, max_len=4096, max_batch=8)            # + mesh=, page_size=, ...
+    engine.generate([prompt_ids], max_new_tokens=64)             # the CLI, the notebooks
+    ticket = engine.submit(Request(prompt, 64), sink)            # the server: sink(Event)
+    engine.start()                                               # its thread (or step())
 
-A prompt's images (preprocessed pixels, `smallfour.images`) are encoded once, before its
-prefill, by their own compiled function (patch counts bucketed alike); prefill writes the
-rows over the prompt's [IMG] tokens, and decode reads them from the cache like any token.
-
-On a mesh, parameters stay where the rule table put them, the cache is split by the
-table (`batch` over data×expert when the batch divides), every host-bound result
-(tokens, logits, flags) is replicated so each process can read it, and everything is
-traced under `jax.set_mesh` so the MoE runs expert-parallel.
+Each `step()` runs what the scheduler (`smallfour.inference.scheduler`) plans: one decode
+token for every running sequence, in one compiled call of `max_batch` rows, then chunks of
+prompts within the step's token budget, each continuing from what is cached. Each slot
+carries its request's sampling parameters as arrays and its own PRNG key, drawn from the
+request's seed and advanced only by its own draws: neither a request's tokens nor the
+compiled step depend on what else runs. A request whose own pass fails (a shape that does
+not compile, memory its prompt chunk cannot get) fails alone; a failing decode step fails
+the engine, and every request hears of it.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Iterator, Sequence
+import threading
+from typing import Callable, Iterator, Sequence as Seq
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from smallfour import sharding
-from smallfour.inference import cache as cache_lib
-from smallfour.inference import forward
-from smallfour.inference.cache import LATENT_AXES, LatentCache
-from smallfour.inference.sampling import Sampling, sample
+from smallfour.inference import paged
+from smallfour.inference.paged import PagedModel
+from smallfour.inference.requests import (GREEDY, EngineFailed, Event, QueueFull, Request,
+                                          RequestError, Sink, Ticket)
+from smallfour.inference.sampling import Sampling, SamplingRows
+from smallfour.inference.scheduler import Chunk, Scheduler, Sequence
 from smallfour.nn import multimodal
 from smallfour.nn.decoder import Transformer
 
-MIN_BUCKET = 16
-MIN_PATCH_BUCKET = 64
-PAD = -1  # marks "no token" in generated outputs
-
-
-class RequestError(ValueError):
-  """A request the engine cannot serve; the engine stays usable."""
+__all__ = ["Engine", "EngineFailed", "Event", "QueueFull", "Request", "RequestError"]
 
 
 class Engine:
-  """Generates from one model with a latent cache of `max_len` tokens per sequence."""
+  """Serves `Request`s from `max_batch` slots over a pool of `cache_tokens` cached tokens."""
 
-  def __init__(self, model: Transformer, *, max_len: int, prefill_chunk: int = 256,
+  def __init__(self, model: Transformer, *, max_len: int, max_batch: int = 8,
+               page_size: int = 16, cache_tokens: int | None = None,
+               max_num_batched_tokens: int = 512, prefix_caching: bool = True,
+               max_queue: int | None = None, eos_id: int | None = None,
                mesh: jax.sharding.Mesh | None = None):
-    """`mesh`: where the model's parameters live (`sharding.place`/`init_sharded`/
-    `restore_model(mesh=...)`); None for a single device."""
+    """max_len: tokens one sequence may hold (prompt and answer); cache_tokens: tokens the
+    pool holds (default max_batch × max_len); max_num_batched_tokens: a step's budget;
+    max_queue: requests that may wait while every slot is busy (None: no limit); eos_id:
+    the stop token (default the config's); mesh: where the parameters live."""
+    cache_tokens = max_batch * max_len if cache_tokens is None else cache_tokens
+    if min(max_len, max_batch, page_size, cache_tokens) < 1:
+      raise ValueError("max_len, max_batch, page_size and cache_tokens must be positive")
+    if page_size & (page_size - 1) or cache_tokens < page_size:
+      raise ValueError(f"page_size must be a power of two and at most cache_tokens "
+                       f"({cache_tokens}), got {page_size}")
     self.cfg = model.cfg
-    self.max_len = max_len
-    self.prefill_chunk = prefill_chunk
-    self.mesh = mesh
-    self.graphdef, self.state = nnx.split(model)
-    abstract = any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(self.state))
-    if mesh is not None and not abstract:  # a no-op when already placed by the rule table
-      self.state = jax.device_put(self.state, sharding.named_shardings(self.state, mesh))
-    self.dtype = model.embedder.get_value().dtype
-    self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("chunk",))
-    self._prefill = sharding.under_mesh(self.mesh, self._prefill_jit)
-    self._encode = self._jit(self._encode_impl)
-    self._zeros = self._jit(self._zeros_impl, static_argnames=("batch",))
-    self._insert = self._jit(self._insert_impl, donate_argnums=0)
-    self._first = self._jit(self._first_impl, static_argnames=("sampling", "max_new_tokens"))
-    self._step_jit = jax.jit(self._step_impl, static_argnames=("sampling", "window"),
-                             donate_argnames=("cache",))
-    self._step = sharding.under_mesh(self.mesh, self._step_jit)
-    self._loop = self._jit(self._loop_impl,
-                           static_argnames=("sampling", "max_new_tokens", "window"),
-                           donate_argnames=("cache",))
+    self.eos_id = model.cfg.eos_token_id if eos_id is None else eos_id
+    self.max_len, self.max_batch, self.max_queue = max_len, max_batch, max_queue
+    self.page_size, self.mesh = page_size, mesh
+    self.paged = PagedModel(model, num_pages=cache_tokens // page_size, page_size=page_size,
+                            mesh=mesh)
+    self.scheduler = Scheduler(max_batch=max_batch, num_pages=cache_tokens // page_size,
+                               page_size=page_size, max_tokens=max_num_batched_tokens,
+                               prefix_caching=prefix_caching)
+    self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
+    self._pool = self.paged.zeros()
+    self._rows = SamplingRows.of([GREEDY] * max_batch)  # host copies of the slots' parameters
+    self._placed_rows: SamplingRows | None = None  # on the device until the slots change
+    self._lock = threading.Condition()
+    self._thread: threading.Thread | None = None
+    self._stopping = False
+    self.failure: BaseException | None = None
 
-  # ------------------------------------------------------------------ public API
+  # ------------------------------------------------------------------ requests
 
-  def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-               seed: int = 0, images: Sequence[Sequence[np.ndarray]] | None = None) -> None:
-    """Raises RequestError naming the offending prompt or image; nothing is computed.
+  def validate(self, request: Request, name: str = "the prompt") -> None:
+    """Raises RequestError naming what is wrong (`name`: how to call the prompt); nothing
+    is computed."""
+    n = len(request.prompt)
+    if n == 0:
+      raise RequestError(f"{name} is empty")
+    if n > self.max_len:
+      raise RequestError(f"{name} has {n} tokens; a sequence holds {self.max_len}")
+    if request.max_new_tokens < 1:
+      raise RequestError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+    if not 0 <= request.seed < 2**32:
+      raise RequestError(f"seed must be in [0, 2**32), got {request.seed}")
+    bad = [t for t in request.prompt if not 0 <= t < self.cfg.vocab_size]
+    if bad:
+      raise RequestError(f"{name} has token ids outside [0, {self.cfg.vocab_size}): {bad[:5]}")
+    cached = min(n + request.max_new_tokens - 1, self.max_len)
+    pages = -(-cached // self.page_size)
+    if pages > self.scheduler.pool.num_pages:
+      raise RequestError(f"{name} and max_new_tokens need {cached} cached tokens; the "
+                         f"pool holds {self.scheduler.pool.num_pages * self.page_size}")
+    self._validate_images(request, name)
 
-    `images`: per prompt, its preprocessed images [C, H, W] in the order of their
-    [IMG] tokens, which must number exactly their image tokens. A prompt without images
-    is text: any [IMG] id in it is embedded as an ordinary token, as transformers does.
-    """
-    if not 0 <= seed < 2**32:
-      raise RequestError(f"seed must be in [0, 2**32), got {seed}")
-    if not prompts:
-      raise RequestError("no prompts given")
-    if max_new_tokens < 1:
-      raise RequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    for i, p in enumerate(prompts):
-      if len(p) == 0:
-        raise RequestError(f"prompt {i} is empty")
-      if len(p) > self.max_len:
-        raise RequestError(f"prompt {i} has {len(p)} tokens; the cache holds {self.max_len}")
-      bad = [t for t in p if not 0 <= int(t) < self.cfg.vocab_size]
-      if bad:
-        raise RequestError(f"prompt {i} has token ids outside [0, {self.cfg.vocab_size}): "
-                           f"{bad[:5]}")
-    if images is not None and len(images) != len(prompts):
-      raise RequestError(f"{len(images)} image lists for {len(prompts)} prompts")
-    for i, p in enumerate(prompts):
-      self._validate_images(i, p, images[i] if images else ())
-
-  def _validate_images(self, i: int, prompt: Sequence[int], images: Sequence[np.ndarray]):
-    vision = self.cfg.vision
-    if not images:
+  def _validate_images(self, request: Request, name: str) -> None:
+    if not request.images:
       return
+    vision = self.cfg.vision
     if vision is None:
-      raise RequestError(f"prompt {i} has images, but the model has no vision encoder")
-    placeholders = sum(int(t) == vision.image_token_id for t in prompt)
+      raise RequestError(f"{name} has images, but the model has no vision encoder")
+    placeholders = sum(int(t) == vision.image_token_id for t in request.prompt)
     rows = 0
-    for j, pixels in enumerate(images):
+    for j, pixels in enumerate(request.images):
       try:
         r, c = multimodal.grid(pixels, vision)
       except ValueError as e:
-        raise RequestError(f"prompt {i}, image {j}: {e}") from None
+        raise RequestError(f"{name}, image {j}: {e}") from None
       rows += r * c
     if rows != placeholders:
-      raise RequestError(f"prompt {i} has {placeholders} [IMG] tokens but its {len(images)} "
-                         f"image(s) make {rows} image tokens")
+      raise RequestError(f"{name} has {placeholders} [IMG] tokens but its "
+                         f"{len(request.images)} image(s) make {rows} image tokens")
 
-  def prefill(self, prompt: Sequence[int], images: Sequence[np.ndarray] = ()
-              ) -> tuple[jax.Array, LatentCache]:
-    """One prompt (and its images) -> (next-token logits [1, V], its cache [B=1,
-    T=max_len])."""
-    s = self.bucket(len(prompt))
-    tokens = np.zeros((1, s), np.int32)
-    tokens[0, :len(prompt)] = prompt
-    chunk = self.prefill_chunk if s % self.prefill_chunk == 0 else s
-    return self._prefill(self.state, self._put(tokens),
-                         self._put(np.asarray([len(prompt)], np.int32)),
-                         self.encode_images(images), chunk=chunk)
+  def submit(self, request: Request, sink: Sink) -> Ticket:
+    """Queues `request`; `sink` is called from the engine thread with each `Event`.
+    Raises RequestError, QueueFull or EngineFailed, and then queues nothing."""
+    self.validate(request)
+    ticket = Ticket(request, sink, self._cancel)
+    key = np.asarray(jax.random.key_data(jax.random.key(request.seed)), np.uint32)
+    seq = Sequence(ticket, list(request.prompt), key)
+    if request.images:
+      first = request.prompt.index(self.cfg.vision.image_token_id)
+      seq.salt, seq.salt_from = request.image_digest(), first
+    with self._lock:
+      if self.failure is not None:
+        raise EngineFailed(f"the engine failed: {self.failure!r}")
+      free = self.max_batch - self.active
+      if self.max_queue is not None and self.waiting >= free + self.max_queue:
+        raise QueueFull(f"all {self.max_batch} slots are busy and {self.max_queue} requests "
+                        "already wait")
+      self.scheduler.waiting.append(seq)
+      self._lock.notify()
+    return ticket
 
-  def encode_images(self, images: Sequence[np.ndarray]) -> jax.Array | None:
-    """Preprocessed images -> their image rows [M, D] (M padded), None for no images."""
-    if not images:
-      return None
-    per_token = self.cfg.vision.spatial_merge_size**2
-    tokens = sum(int(np.prod(multimodal.grid(i, self.cfg.vision))) for i in images)
-    bucket = max(MIN_PATCH_BUCKET, 1 << (tokens * per_token - 1).bit_length())
-    batch = multimodal.pack(images, self.cfg.vision, pad_to=-(-bucket // per_token) * per_token)
-    return self._encode(self.state, jax.tree.map(self._put, batch))
+  def _cancel(self, ticket: Ticket) -> None:
+    """A waiting request leaves the queue now; a running one is freed by the next step."""
+    with self._lock:
+      for seq in self.scheduler.waiting:
+        if seq.ticket is ticket:
+          self.scheduler.waiting.remove(seq)
+          ticket.sink(Event(finish_reason="cancelled"))
+          break
+      self._lock.notify()
 
-  def start(self, prompts: Sequence[Sequence[int]],
-            images: Sequence[Sequence[np.ndarray]] | None = None
-            ) -> tuple[jax.Array, LatentCache]:
-    """Prefills every prompt and inserts it into its batch slot -> (logits [B, V], cache)."""
-    cache = self._zeros(batch=len(prompts))
-    logits = []
-    for slot, prompt in enumerate(prompts):
-      row_logits, one = self.prefill(prompt, images[slot] if images else ())
-      cache = self._insert(cache, one, slot)
-      logits.append(row_logits)
-    return jnp.concatenate(logits), cache
+  @property
+  def context_tokens(self) -> int:
+    """The most tokens one sequence can hold: max_len, or the pool if smaller."""
+    return min(self.max_len, self.scheduler.pool.num_pages * self.page_size)
 
-  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-               sampling: Sampling = Sampling(), seed: int = 0,
-               images: Sequence[Sequence[np.ndarray]] | None = None) -> list[list[int]]:
-    """Generates up to `max_new_tokens` per prompt, under one `jax.lax.while_loop`.
+  @property
+  def active(self) -> int:
+    """Requests holding a slot."""
+    return len(self.scheduler.running)
 
-    A sequence stops at EOS (kept in its output), at `max_new_tokens`, or when its cache
-    is full. `images`: per prompt, its preprocessed images (`validate`). Returns the
-    generated ids per prompt (prompt excluded).
-    """
-    self.validate(prompts, max_new_tokens, seed, images)
-    logits, cache = self.start(prompts, images)
-    state = self._first(logits, cache.lengths, self._put(np.uint32(seed)),
-                        sampling=sampling, max_new_tokens=max_new_tokens)
-    out, _ = self._loop(self.state, cache, *state, sampling=sampling,
-                        max_new_tokens=max_new_tokens,
-                        window=self.window(prompts, max_new_tokens))
-    return _trim(np.asarray(out))
+  @property
+  def waiting(self) -> int:
+    return len(self.scheduler.waiting)
 
-  def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-             sampling: Sampling = Sampling(), seed: int = 0,
-             images: Sequence[Sequence[np.ndarray]] | None = None
-             ) -> Iterator[list[int | None]]:
-    """The same generation one step at a time: yields each step's token per prompt
-    (None once a prompt has stopped). Equal, token for token, to `generate`."""
-    self.validate(prompts, max_new_tokens, seed, images)
-    logits, cache = self.start(prompts, images)
-    tokens, out, done, key = self._first(logits, cache.lengths,
-                                         self._put(np.uint32(seed)),
-                                         sampling=sampling, max_new_tokens=max_new_tokens)
-    yield [int(t) for t in np.asarray(out[:, 0])]
-    window = self.window(prompts, max_new_tokens)
-    for i in range(1, max_new_tokens):
-      if bool(jnp.all(done)):
+  # ------------------------------------------------------------ one-shot use
+
+  def run(self, requests: Seq[Request]) -> list[tuple[list[int], str]]:
+    """Runs `requests` together in this thread -> (tokens, finish_reason) per request.
+    Not while the engine thread runs."""
+    results = [([], None) for _ in requests]
+
+    def sink(i):
+      def on(event: Event):
+        if event.token is not None:
+          results[i][0].append(event.token)
+        if event.finish_reason is not None:
+          results[i] = (results[i][0], event.finish_reason)
+          if event.finish_reason == "error":
+            raise RequestError(event.error)
+      return on
+
+    for i, r in enumerate(requests):
+      self.submit(r, sink(i))
+    while self.step():
+      pass
+    return results
+
+  def generate(self, prompts: Seq[Seq[int]], max_new_tokens: int,
+               sampling: Sampling = GREEDY, seed: int = 0,
+               images: Seq[Seq[np.ndarray]] | None = None) -> list[list[int]]:
+    """Up to `max_new_tokens` per prompt (EOS kept; a full context stops it too), each
+    prompt with `seed` as if alone. `images`: per prompt, its preprocessed images."""
+    return [t for t, _ in self.run(self._requests(prompts, max_new_tokens, sampling, seed,
+                                                  images))]
+
+  def stream(self, prompts: Seq[Seq[int]], max_new_tokens: int,
+             sampling: Sampling = GREEDY, seed: int = 0,
+             images: Seq[Seq[np.ndarray]] | None = None) -> Iterator[list[int | None]]:
+    """The same generation yielded token by token: the i-th token of every prompt (None
+    once a prompt has stopped). Equal, token for token, to `generate`."""
+    requests = self._requests(prompts, max_new_tokens, sampling, seed, images)
+    got: list[list[int]] = [[] for _ in requests]
+    done = [False] * len(requests)
+
+    def sink(i):
+      def on(event: Event):
+        if event.token is not None:
+          got[i].append(event.token)
+        if event.finish_reason is not None:
+          done[i] = True
+      return on
+
+    for i, r in enumerate(requests):
+      self.submit(r, sink(i))
+    for i in range(max_new_tokens):
+      while not all(done[j] or len(got[j]) > i for j in range(len(requests))):
+        self.step()
+      if all(len(g) <= i for g in got):
         return
-      was_done = np.asarray(done)
-      tokens, cache, done, key = self._step(self.state, cache, tokens, done, key,
-                                            sampling=sampling, window=window)
-      yield [None if d else int(t) for t, d in zip(np.asarray(tokens), was_done)]
+      yield [g[i] if len(g) > i else None for g in got]
 
-  def lower_step(self, batch: int, sampling: Sampling = Sampling()) -> jax.stages.Lowered:
-    """The compiled decode step for `batch` sequences, lowered from abstract inputs.
+  def _requests(self, prompts, max_new_tokens, sampling, seed, images) -> list[Request]:
+    if not prompts:
+      raise RequestError("no prompts given")
+    if images is not None and len(images) != len(prompts):
+      raise RequestError(f"{len(images)} image lists for {len(prompts)} prompts")
+    requests = [Request(tuple(int(t) for t in p), max_new_tokens, sampling, seed,
+                        tuple(images[i]) if images else ()) for i, p in enumerate(prompts)]
+    for i, r in enumerate(requests):
+      self.validate(r, f"prompt {i}")
+    return requests
 
-    Nothing is allocated: the model may be abstract (`nnx.eval_shape`), e.g. the 119B
-    release on a simulated mesh, to check that it partitions and what it needs per device
-    (`.compile().memory_analysis()`).
-    """
-    whole = self._whole()
-    cache = jax.eval_shape(functools.partial(self._zeros_impl, batch=batch))
-    cache = LatentCache(_spec(cache.latent, self._cache_sharding(cache.latent.shape)),
-                        _spec(cache.lengths, whole))
-    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=whole)
-    done = jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=whole)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=whole)
-    lower = sharding.under_mesh(self.mesh, self._step_jit.lower)
-    return lower(self._abstract_state(), cache, tokens, done, key, sampling=sampling)
+  def warmup(self) -> list[tuple[str, int, int]]:
+    """Compiles the decode step for every window and each chunk size for every window it
+    can meet, writing only the sink page. Returns the shapes ("decode", batch, pages) and
+    ("chunk", tokens, pages). Not while the engine thread runs."""
+    p = self.page_size
+    top = paged.bucket(-(-self.max_len // p))
+    windows = [1 << i for i in range(top.bit_length())]
+    shapes = []
+    keys = np.zeros((self.max_batch, 2), np.uint32)
+    zeros = np.zeros(self.max_batch, np.int32)
+    for n in windows:
+      table = np.full((self.max_batch, n), self.paged.sink, np.int32)
+      self._pool, *_ = self.paged.decode(self._pool, zeros, zeros, table, keys, self._rows)
+      shapes.append(("decode", self.max_batch, n))
+    size = p
+    while size <= paged.bucket(self.scheduler.max_tokens, p):
+      for n in (w for w in windows if w * p >= size):
+        self._pool, *_ = self.paged.extend(self._pool, np.zeros(size, np.int32), n * p - size,
+                                           np.zeros(0, np.int32), keys[0],
+                                           SamplingRows.of([GREEDY]))
+        shapes.append(("chunk", size, n))
+      size *= 2
+    jax.block_until_ready(self._pool)
+    return shapes
 
-  def lower_prefill(self, length: int) -> jax.stages.Lowered:
-    """The compiled prefill of one prompt padded to `length` tokens (a bucket, at most
-    max_len), lowered from abstract inputs like `lower_step`."""
-    tokens = jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=self._whole())
-    lengths = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=self._whole())
-    chunk = self.prefill_chunk if length % self.prefill_chunk == 0 else length
-    lower = sharding.under_mesh(self.mesh, self._prefill_jit.lower)
-    return lower(self._abstract_state(), tokens, lengths, chunk=chunk)
+  # -------------------------------------------------------------- the engine loop
 
-  def _abstract_state(self):
-    """The parameters as ShapeDtypeStructs carrying their placement."""
-    if self.mesh is None:
-      return jax.tree.map(lambda a: _spec(a, None), self.state)
-    return jax.tree.map(_spec, self.state, sharding.named_shardings(self.state, self.mesh))
+  def start(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
+    """Runs the engine in a daemon thread until `stop()`. If a step raises, every request
+    gets an "error" event, later submits raise EngineFailed and `on_failure` is called."""
+    self._stopping = False
+    self._thread = threading.Thread(target=self._run, args=(on_failure,),
+                                    name="smallfour-engine", daemon=True)
+    self._thread.start()
 
-  def _whole(self) -> jax.sharding.NamedSharding | None:
-    return sharding.replicated(self.mesh) if self.mesh is not None else None
+  def stop(self, timeout: float | None = None) -> None:
+    with self._lock:
+      self._stopping = True
+      self._lock.notify()
+    if self._thread is not None:
+      self._thread.join(timeout)
 
-  def window(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
-    """Cache positions decode must attend over: every position this request can feed
-    (< longest prompt + max_new_tokens), bucketed so that few windows compile."""
-    return self.bucket(max(len(p) for p in prompts) + max_new_tokens)
+  def _run(self, on_failure) -> None:
+    try:
+      while True:
+        with self._lock:
+          while not self._stopping and not self.waiting and not self.active:
+            self._lock.wait()
+          if self._stopping:
+            return
+        if not self.step():
+          with self._lock:  # requests wait for pages nobody frees: only a cancel helps
+            if not self._stopping:
+              self._lock.wait(0.05)
+    except BaseException as e:  # noqa: BLE001 - every client must hear of it
+      with self._lock:
+        self.failure = e
+        seqs = self.scheduler.running + list(self.scheduler.waiting)
+        for seq in self.scheduler.running:
+          self.scheduler.release(seq)
+        self.scheduler.waiting.clear()
+      for seq in seqs:
+        seq.ticket.sink(Event(finish_reason="error", error=f"the engine failed: {e!r}"))
+      if on_failure is not None:
+        on_failure(e)
 
-  def bucket(self, length: int) -> int:
-    """The padded prefill length: the next power of two ≥ 16, capped at max_len."""
-    return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), self.max_len)
+  def step(self) -> bool:
+    """Frees cancelled requests, then runs one step's plan: a decode token for every
+    running sequence and prompt chunks within the budget. False when nothing ran."""
+    for seq in self.scheduler.running:
+      if seq.ticket.cancelled:
+        self._free(seq)
+        seq.ticket.sink(Event(finish_reason="cancelled"))
+    with self._lock:
+      plan = self.scheduler.plan()
+    for seq in self.scheduler.running:
+      self._set_row(seq)
+    if plan.decode:
+      self._decode(plan.decode)
+    for chunk in plan.chunks:
+      if chunk.seq.slot is not None:  # its decode row may have finished it
+        self._feed(chunk)
+    return bool(plan.decode or plan.chunks)
 
-  # ------------------------------------------------------------ mesh plumbing
+  def _decode(self, seqs: list[Sequence]) -> None:
+    b, p = self.max_batch, self.page_size
+    width = paged.bucket(max(-(-(s.computed + 1) // p) for s in seqs))
+    tokens, positions = np.zeros(b, np.int32), np.zeros(b, np.int32)
+    table = np.full((b, width), self.paged.sink, np.int32)
+    keys = np.zeros((b, 2), np.uint32)
+    for s in seqs:
+      tokens[s.slot], positions[s.slot], keys[s.slot] = s.tokens[-1], s.computed, s.key
+      table[s.slot, :len(s.pages)] = s.pages
+    if self._placed_rows is None:
+      self._placed_rows = jax.tree.map(self.paged._put, self._rows)
+    self._pool, drawn, keys = self.paged.decode(self._pool, tokens, positions, table, keys,
+                                                self._placed_rows)
+    drawn, keys = np.asarray(drawn), np.asarray(keys)
+    for s in seqs:
+      s.key = keys[s.slot]
+      self.scheduler.advanced(s, 1)
+      self._deliver(s, int(drawn[s.slot]))
 
-  def _jit(self, fn, **kwargs):
-    """`jax.jit(fn)`, called (and so traced) under this engine's mesh."""
-    return sharding.under_mesh(self.mesh, jax.jit(fn, **kwargs))
+  def _feed(self, chunk: Chunk) -> None:
+    """Runs one prompt chunk; its first token comes with the prompt's last chunk. A
+    failure that leaves the pool intact fails this request alone."""
+    seq = chunk.seq
+    try:
+      images, offset = self._images(seq, chunk.start)
+      self._pool, drawn, key = self.paged.extend(
+          self._pool, np.asarray(seq.tokens[chunk.start:chunk.start + chunk.size], np.int32),
+          chunk.start, np.asarray(seq.pages, np.int32), seq.key,
+          jax.tree.map(lambda a: a[seq.slot:seq.slot + 1], self._rows), images, offset)
+      drawn, key = int(np.asarray(drawn)[0]), np.asarray(key)[0]
+    except Exception as e:  # noqa: BLE001 - confined to this request unless the pool is gone
+      if self._pool.is_deleted():
+        raise
+      self._free(seq)
+      seq.ticket.sink(Event(finish_reason="error", error=f"prefill failed: {e!r}"))
+      return
+    self.scheduler.advanced(seq, chunk.size)
+    if chunk.last:
+      self.stats["prompt_tokens"] += len(seq.ticket.request.prompt)
+      seq.key, seq.image_rows = key, None
+      self._deliver(seq, drawn)
 
-  def _put(self, value):
-    """A host value as a (replicated) input: every process passes the same one."""
-    if self.mesh is None:
-      return jnp.asarray(value)
-    # Not device_put: on several processes the mesh's devices are not all addressable.
-    value = np.asarray(value)
-    return jax.make_array_from_process_local_data(sharding.replicated(self.mesh), value,
-                                                  value.shape)
+  def _images(self, seq: Sequence, start: int) -> tuple[jax.Array | None, int]:
+    """seq's encoded images (encoded once per admission) and how many [IMG] tokens come
+    before position `start`."""
+    request = seq.ticket.request
+    if not request.images:
+      return None, 0
+    if seq.image_rows is None:
+      seq.image_rows = self.paged.encode(request.images)
+    image_id = self.cfg.vision.image_token_id
+    return seq.image_rows, sum(t == image_id for t in request.prompt[:start])
 
-  def _replicated(self, *values):
-    """Constrains results the host reads to be whole on every device (multi-host safe)."""
-    if self.mesh is None:
-      return values
-    return tuple(jax.lax.with_sharding_constraint(v, sharding.replicated(self.mesh))
-                 for v in values)
+  def _deliver(self, seq: Sequence, token: int) -> None:
+    """Hands seq its new token, and frees it when that was its last."""
+    seq.generated += 1
+    seq.tokens.append(token)
+    self.stats["generation_tokens"] += 1
+    finish = None
+    if token == self.eos_id:
+      finish = "stop"
+    elif seq.generated >= seq.ticket.request.max_new_tokens or len(seq.tokens) > self.max_len:
+      finish = "length"  # or the context has no room to feed the token back
+    if finish is not None:
+      self._free(seq)
+    seq.ticket.sink(Event(token, finish))
 
-  def _cache_sharding(self, shape) -> jax.sharding.NamedSharding | None:
-    """The latent's layout by the rule table (its batch split when it divides the mesh)."""
-    if self.mesh is None:
-      return None
-    return sharding.logical_sharding(LATENT_AXES, shape, self.mesh)
+  def _set_row(self, seq: Sequence) -> None:
+    """The slot's sampling parameters are seq's."""
+    sampling = seq.ticket.request.sampling
+    if (self._rows.temperature[seq.slot], self._rows.top_k[seq.slot],
+        self._rows.top_p[seq.slot]) != (sampling.temperature, sampling.top_k, sampling.top_p):
+      self._rows.temperature[seq.slot] = sampling.temperature
+      self._rows.top_k[seq.slot] = sampling.top_k
+      self._rows.top_p[seq.slot] = sampling.top_p
+      self._placed_rows = None
 
-  def _placed(self, cache: LatentCache) -> LatentCache:
-    """The cache constrained to `_cache_sharding`, its lengths replicated."""
-    if self.mesh is None:
-      return cache
-    latent = jax.lax.with_sharding_constraint(cache.latent,
-                                              self._cache_sharding(cache.latent.shape))
-    return LatentCache(latent, *self._replicated(cache.lengths))
-
-  # ------------------------------------------------------------- compiled parts
-
-  def _model(self, state) -> Transformer:
-    return nnx.merge(self.graphdef, state)
-
-  def _prefill_impl(self, state, tokens, lengths, image_rows=None, *, chunk):
-    logits, cache = forward.prefill(self._model(state), tokens, lengths, self.max_len, chunk,
-                                    image_rows)
-    return *self._replicated(logits), self._placed(cache)
-
-  def _encode_impl(self, state, images):
-    return self._replicated(self._model(state).vision(images))[0]
-
-  def _zeros_impl(self, *, batch):
-    return self._placed(LatentCache.zeros(self.cfg, batch, self.max_len, self.dtype))
-
-  def _insert_impl(self, batch_cache, one, slot):
-    return self._placed(cache_lib.insert(batch_cache, one, slot))
-
-  def _first_impl(self, logits, lengths, seed, *, sampling, max_new_tokens):
-    """Samples the first token from the prefill logits; sets up the loop state."""
-    key, sub = jax.random.split(jax.random.key(seed))
-    tokens = sample(logits, sub, sampling)
-    out = jnp.full((logits.shape[0], max_new_tokens), PAD, jnp.int32).at[:, 0].set(tokens)
-    done = self._stops(tokens, lengths)
-    return self._replicated(tokens, out, done, key)
-
-  def _stops(self, tokens, lengths):
-    """EOS was produced, or the cache has no room to feed the token back."""
-    full = lengths >= self.max_len
-    return full if self.cfg.eos_token_id is None else full | (tokens == self.cfg.eos_token_id)
-
-  def _step_impl(self, state, cache, tokens, done, key, *, sampling, window=None):
-    """Feeds `tokens` for rows not done and samples the next ones."""
-    logits, cache = forward.decode_step(self._model(state), tokens, cache, ~done, window)
-    key, sub = jax.random.split(key)
-    nxt = jnp.where(done, PAD, sample(logits, sub, sampling))
-    nxt, done, key = self._replicated(nxt, done | self._stops(nxt, cache.lengths), key)
-    return nxt, self._placed(cache), done, key
-
-  def _loop_impl(self, state, cache, tokens, out, done, key, *, sampling, max_new_tokens,
-                 window):
-    def cond(carry):
-      i, _, _, _, done, _ = carry
-      return (i < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-      i, cache, tokens, out, done, key = carry
-      tokens, cache, new_done, key = self._step_impl(state, cache, tokens, done, key,
-                                                     sampling=sampling, window=window)
-      return i + 1, cache, tokens, out.at[:, i].set(tokens), new_done, key
-
-    carry = (jnp.int32(1), cache, tokens, out, done, key)
-    _, cache, _, out, _, _ = jax.lax.while_loop(cond, body, carry)
-    # Returning the cache lets XLA reuse the donated buffer.
-    return *self._replicated(out), self._placed(cache)
-
-
-def _spec(a, placement) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement)
-
-
-def _trim(out: np.ndarray) -> list[list[int]]:
-  return [[int(t) for t in row if t != PAD] for row in out]
+  def _free(self, seq: Sequence) -> None:
+    with self._lock:
+      self.scheduler.release(seq)

@@ -1,1 +1,1 @@
-"""An OpenAI-compatible HTTP server over the continuous batcher (launch/serve.py)."""
+"""An OpenAI-compatible HTTP server over the engine (launch/serve.py)."""

@@ -1,14 +1,16 @@
-"""The HTTP layer (Starlette): OpenAI-compatible endpoints over a continuous `Batcher`.
+"""The HTTP layer (Starlette): OpenAI-compatible endpoints over the `Engine`.
 
   POST /v1/chat/completions  streamed (server-sent events) or whole
   GET  /v1/models            the one model
   GET  /health               200 with the slot counts; 503 once the engine has failed
+  GET  /metrics              Prometheus text format (`smallfour.serve.metrics`)
 
 A request is checked and encoded (`smallfour.serve.protocol`, `ChatTokenizer.encode`) and its
 length checked against the cache before it is queued, so a bad one costs no engine work and
 gets a 400 naming the culprit. Tokens come back from the engine thread through a per-request
-queue on the event loop; a client that goes away cancels its request, which frees its slot
-before the next step.
+queue on the event loop; a client that goes away cancels its request: a waiting one leaves
+the queue at once, a running one frees its pages before the next step. A request whose own
+prefill fails gets a 500; the others go on.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from smallfour.chat import ChatRequestError, ChatTokenizer
-from smallfour.inference.batcher import Batcher, EngineFailed, Event, QueueFull, Request
-from smallfour.inference.engine import RequestError
+from smallfour.inference.engine import Engine
+from smallfour.inference.requests import (EngineFailed, Event, QueueFull, Request,
+                                          RequestError)
 from smallfour.serve import protocol
+from smallfour.serve.metrics import CONTENT_TYPE, Metrics
 from smallfour.serve.completion import Answer
 from smallfour.serve.protocol import ApiError
 
@@ -57,9 +61,11 @@ class _Channel:
     return event
 
 
-def make_app(batcher: Batcher, tok: ChatTokenizer, model_name: str) -> Starlette:
-  """The ASGI app serving `batcher` (whose thread the caller runs) under `model_name`."""
+def make_app(engine: Engine, tok: ChatTokenizer, model_name: str) -> Starlette:
+  """The ASGI app serving `engine` (whose thread the caller runs) under `model_name`."""
   created = int(time.time())
+  metrics = Metrics(engine)
+  context = engine.context_tokens
 
   async def chat_completions(request: HttpRequest) -> Response:
     try:
@@ -71,11 +77,12 @@ def make_app(batcher: Batcher, tok: ChatTokenizer, model_name: str) -> Starlette
       prompt = await run_in_threadpool(tok.encode, chat)
     except ChatRequestError as e:
       raise protocol.bad_request(str(e)) from None
-    max_new = protocol.max_new_tokens(params, len(prompt), batcher.max_len)
+    max_new = protocol.max_new_tokens(params, len(prompt), context)
     seed = secrets.randbits(32) if params.seed is None else params.seed
     channel = _Channel()
     try:
-      ticket = batcher.submit(Request(tuple(prompt), max_new, params.sampling, seed), channel)
+      ticket = engine.submit(Request(tuple(prompt), max_new, params.sampling, seed),
+                             metrics.timed(channel))
     except RequestError as e:
       raise protocol.bad_request(f"messages: {e}") from None
     except QueueFull as e:
@@ -85,7 +92,7 @@ def make_app(batcher: Batcher, tok: ChatTokenizer, model_name: str) -> Starlette
       raise ApiError(503, str(e), kind="server_error") from None
     answer = Answer(tok, params.stop)
     envelope = protocol.Envelope(model_name)
-    usage = lambda: protocol.usage(len(prompt), answer.tokens)  # noqa: E731
+    usage = lambda: protocol.usage(len(prompt), answer.tokens, ticket.cached_tokens)  # noqa: E731
     if params.stream:
       return StreamingResponse(_stream(channel, ticket, answer, envelope, usage,
                                        params.include_usage),
@@ -101,15 +108,19 @@ def make_app(batcher: Batcher, tok: ChatTokenizer, model_name: str) -> Starlette
     del request
     return JSONResponse({"object": "list", "data": [
         {"id": model_name, "object": "model", "created": created, "owned_by": "smallfour",
-         "max_model_len": batcher.max_len}]})
+         "max_model_len": context}]})
 
   async def health(request: HttpRequest) -> Response:
     del request
-    state = {"active_slots": batcher.active, "waiting": batcher.waiting,
-             "max_batch": batcher.max_batch}
-    if batcher.failure is not None:
-      return JSONResponse({"status": f"the engine failed: {batcher.failure!r}", **state}, 503)
+    state = {"active_slots": engine.active, "waiting": engine.waiting,
+             "max_batch": engine.max_batch}
+    if engine.failure is not None:
+      return JSONResponse({"status": f"the engine failed: {engine.failure!r}", **state}, 503)
     return JSONResponse({"status": "ok", **state})
+
+  async def prometheus(request: HttpRequest) -> Response:
+    del request
+    return Response(metrics.render(), media_type=CONTENT_TYPE)
 
   async def api_error(request: HttpRequest, e: ApiError) -> Response:
     del request
@@ -123,6 +134,7 @@ def make_app(batcher: Batcher, tok: ChatTokenizer, model_name: str) -> Starlette
       Route("/v1/chat/completions", chat_completions, methods=["POST"]),
       Route("/v1/models", models),
       Route("/health", health),
+      Route("/metrics", prometheus),
   ], exception_handlers={ApiError: api_error, HTTPException: http_error})
 
 

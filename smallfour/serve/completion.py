@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from smallfour.chat import ChatTokenizer, Delta
-from smallfour.inference.batcher import Event
+from smallfour.inference.requests import Event
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""The server: the app on uvicorn, with the batcher's engine thread beside it.
+"""The server: the app on uvicorn, with the engine's thread beside it.
 
-    server = Server(batcher, tokenizer, "small4", host="127.0.0.1", port=8000)
+    server = Server(engine, tokenizer, "small4", host="127.0.0.1", port=8000)
     server.run()           # in the foreground, until Ctrl-C or an engine failure
     port = server.start()  # or in a thread (tests, benchmarks): port 0 picks a free one
     server.stop()
@@ -20,32 +20,32 @@ import time
 import uvicorn
 
 from smallfour.chat import ChatTokenizer
-from smallfour.inference.batcher import Batcher, EngineFailed
+from smallfour.inference.engine import Engine, EngineFailed
 from smallfour.serve.app import make_app
 
 log = logging.getLogger(__name__)
 
 
 class Server:
-  """`make_app` served by uvicorn on `host:port`, with `batcher`'s engine thread."""
+  """`make_app` served by uvicorn on `host:port`, with `engine`'s thread."""
 
-  def __init__(self, batcher: Batcher, tok: ChatTokenizer, model_name: str, *,
+  def __init__(self, engine: Engine, tok: ChatTokenizer, model_name: str, *,
                host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
-    self.batcher, self.host, self.port = batcher, host, port
-    config = uvicorn.Config(make_app(batcher, tok, model_name), host=host, port=port,
+    self.engine, self.host, self.port = engine, host, port
+    config = uvicorn.Config(make_app(engine, tok, model_name), host=host, port=port,
                             log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)
     self._uvicorn = uvicorn.Server(config)
     self._thread: threading.Thread | None = None
 
   def run(self, sock: socket.socket | None = None) -> None:
     """Serves until stopped; raises EngineFailed if that was the engine failing."""
-    self.batcher.start(on_failure=self._engine_failed)
+    self.engine.start(on_failure=self._engine_failed)
     try:
       self._uvicorn.run(sockets=[sock] if sock is not None else None)
     finally:
-      self.batcher.stop(timeout=30)
-    if self.batcher.failure is not None:
-      raise EngineFailed(f"the engine failed: {self.batcher.failure!r}") from self.batcher.failure
+      self.engine.stop(timeout=30)
+    if self.engine.failure is not None:
+      raise EngineFailed(f"the engine failed: {self.engine.failure!r}") from self.engine.failure
 
   def start(self, timeout: float = 60) -> int:
     """Serves from a thread; returns the port once it accepts connections."""
