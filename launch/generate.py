@@ -35,7 +35,8 @@ from smallfour.chat import ChatRequestError, ChatTokenizer, StreamPrinter, image
 from smallfour.chat.images import encode_with_images
 from smallfour.chat.output import collect
 from smallfour.config import IMAGE_PROCESSORS, TextConfig
-from smallfour.inference.engine import Engine, RequestError
+from smallfour.inference.engine import Engine
+from smallfour.inference.requests import Request, RequestError
 from smallfour.inference.sampling import BY_REASONING_EFFORT, Sampling
 from smallfour.nn.decoder import Transformer
 
@@ -69,7 +70,9 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens (0: 
 _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass in (0, 1].")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (and weight seed for --config).")
 _MAX_LEN = flags.DEFINE_integer("max_len", None,
-                                "Cache length per sequence (default prompt + max_new_tokens).")
+                                "Tokens the sequence may hold (default prompt + "
+                                "max_new_tokens).")
+_ENGINE = loading.define_engine_flags()
 _MESH = flags.DEFINE_string("mesh", "data:1,expert:1,tensor:1",
                             "Device mesh axis sizes over all processes' devices.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
@@ -195,27 +198,34 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   leader = distributed.is_leader()
   model, mesh = _load_model(cfg)
-  engine = Engine(model, max_len=_MAX_LEN.value or len(prompt) + max_new, mesh=mesh)
+  engine = Engine(model, max_len=_MAX_LEN.value or len(prompt) + max_new, max_batch=1,
+                  mesh=mesh, **_ENGINE.values())
   parser = tok.stream_parser() if request is not None else None
   terminal = StreamPrinter()
   start = time.perf_counter()
   generated, deltas, shown = [], [], 0
+  events = []
   try:
-    for step in engine.stream([prompt], max_new, sampling, seed=_SEED.value,
-                              images=[pixels]):
-      if step[0] is None:
-        break
-      generated.append(step[0])
+    ticket = engine.submit(Request(tuple(prompt), max_new, sampling, _SEED.value,
+                                   tuple(pixels)), events.append)
+  except RequestError as e:
+    loading.fail(str(e))
+  while engine.step() or events:
+    for event in events:
+      if event.error:
+        loading.fail(event.error)
+      if event.token is None:
+        continue
+      generated.append(event.token)
       if parser is None:
         if leader:
-          terminal.raw(step[0])
+          terminal.raw(event.token)
         continue
-      deltas += parser.feed(step[0])
+      deltas += parser.feed(event.token)
       if leader:
         terminal.show(deltas[shown:])
       shown = len(deltas)
-  except RequestError as e:
-    loading.fail(str(e))
+    events.clear()
   seconds = time.perf_counter() - start
   if parser is None:
     answer = {"finish_reason": "stop" if generated[-1:] == [cfg.eos_token_id] else "length"}
@@ -231,8 +241,8 @@ def main(argv):
         f"{jax.process_count()} process(es)]", file=sys.stderr)
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
-      json.dump({"prompt_ids": prompt, "token_ids": generated, **answer}, f,
-                ensure_ascii=False)
+      json.dump({"prompt_ids": prompt, "token_ids": generated, **answer,
+                 "cached_tokens": ticket.cached_tokens}, f, ensure_ascii=False)
 
 
 if __name__ == "__main__":

@@ -44,22 +44,22 @@ class Engine:
                max_queue: int | None = None, eos_id: int | None = None,
                mesh: jax.sharding.Mesh | None = None):
     """max_len: tokens one sequence may hold (prompt and answer); cache_tokens: tokens the
-    pool holds (default max_batch × max_len); max_num_batched_tokens: a step's budget;
+    pool holds, in whole pages (default max_batch × max_len, each sequence's rounded up to
+    whole pages); max_num_batched_tokens: a step's budget;
     max_queue: requests that may wait while every slot is busy (None: no limit); eos_id:
     the stop token (default the config's); mesh: where the parameters live."""
-    cache_tokens = max_batch * max_len if cache_tokens is None else cache_tokens
-    if min(max_len, max_batch, page_size, cache_tokens) < 1:
+    if min(max_len, max_batch, page_size, cache_tokens or 1) < 1:
       raise ValueError("max_len, max_batch, page_size and cache_tokens must be positive")
-    if page_size & (page_size - 1) or cache_tokens < page_size:
-      raise ValueError(f"page_size must be a power of two and at most cache_tokens "
-                       f"({cache_tokens}), got {page_size}")
+    if page_size & (page_size - 1):
+      raise ValueError(f"page_size must be a power of two, got {page_size}")
+    num_pages = (max_batch * -(-max_len // page_size) if cache_tokens is None
+                 else -(-cache_tokens // page_size))
     self.cfg = model.cfg
     self.eos_id = model.cfg.eos_token_id if eos_id is None else eos_id
     self.max_len, self.max_batch, self.max_queue = max_len, max_batch, max_queue
     self.page_size, self.mesh = page_size, mesh
-    self.paged = PagedModel(model, num_pages=cache_tokens // page_size, page_size=page_size,
-                            mesh=mesh)
-    self.scheduler = Scheduler(max_batch=max_batch, num_pages=cache_tokens // page_size,
+    self.paged = PagedModel(model, num_pages=num_pages, page_size=page_size, mesh=mesh)
+    self.scheduler = Scheduler(max_batch=max_batch, num_pages=num_pages,
                                page_size=page_size, max_tokens=max_num_batched_tokens,
                                prefix_caching=prefix_caching)
     self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
