@@ -68,10 +68,16 @@ def logits(model):
   return np.asarray(nnx.jit(lambda m, t: m(t))(model, TOKENS), np.float32)
 
 
+# Two compiled programs (codes dequantized inside the matmul vs stored floats) may round
+# differently where the compiler fuses otherwise (another CPU, another XLA): equal to
+# float32's last few bits, to bfloat16's last bit or two.
+TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=2e-2, atol=2e-2)}
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fp8_resident_equals_the_dequantized_path(converted, dtype):
   """The e4m3 codes dequantized inside each matmul are the values the converter stores,
-  so logits are equal, and generation is equal token for token."""
+  so logits are equal (to rounding), and generation is equal token for token."""
   root, _ = converted
   resident = restore_lib.restore_model(str(root / "fp8"), dtype=dtype)
   plain = restore_lib.restore_model(str(root / dtype))
@@ -80,7 +86,7 @@ def test_fp8_resident_equals_the_dequantized_path(converted, dtype):
   assert attn.q_a_proj.codes.get_value().dtype == jnp.float8_e4m3fn
   assert resident.layers[1].ffn.experts.gate_proj.scale.get_value().shape == (8,)  # per expert
   assert resident.lm_head.get_value().dtype == resident.embedder.get_value().dtype == dtype
-  np.testing.assert_array_equal(logits(resident), logits(plain))
+  np.testing.assert_allclose(logits(resident), logits(plain), **TOL[dtype])
   if dtype == "float32":  # equal logits make equal tokens; generation is checked once
     want = Engine(plain, max_len=64).generate(PROMPTS, 12)
     assert Engine(resident, max_len=64).generate(PROMPTS, 12) == want
@@ -108,8 +114,9 @@ def test_hf_fp8_release(converted):
   resident = restore_lib.restore_model(str(root / "hf_fp8"), dtype="float32")
   experts = resident.layers[1].ffn.experts
   np.testing.assert_array_equal(experts.gate_proj.scale[...], experts.up_proj.scale[...])
-  np.testing.assert_array_equal(
-      logits(resident), logits(restore_lib.restore_model(str(root / "hf_float32"))))
+  np.testing.assert_allclose(
+      logits(resident), logits(restore_lib.restore_model(str(root / "hf_float32"))),
+      **TOL["float32"])
 
 
 def test_fp8_checkpoint_is_about_half_the_bfloat16_one(converted):
@@ -150,7 +157,7 @@ def test_kernels_on_fp8_experts_equal_them_on_dequantized_ones(kernel):
   ids = jnp.asarray(rng.integers(-1, e + 1, (n, k)), jnp.int32)  # foreign ids included
   run = jax.jit(moe_kernels.KERNELS[kernel])
   want = run(*[w.dequantize(jnp.float32) for w in stacked], x, weights, ids)
-  np.testing.assert_array_equal(run(*stacked, x, weights, ids), want)
+  np.testing.assert_allclose(run(*stacked, x, weights, ids), want, **TOL["float32"])
 
 
 def test_random_fp8_weights():

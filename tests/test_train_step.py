@@ -242,7 +242,8 @@ def test_lora_on_a_frozen_base_changes_only_adapters():
   base = Transformer(CFG, rngs=nnx.Rngs(0))
   tokens = jnp.asarray(_batch()["tokens"])
   fresh = lora.apply_lora(Transformer(CFG, rngs=nnx.Rngs(0)), config, nnx.Rngs(1))
-  np.testing.assert_array_equal(fresh(tokens), base(tokens))  # B starts at zero
+  # B starts at zero: the adapters add nothing (to rounding: their program fuses otherwise)
+  np.testing.assert_allclose(fresh(tokens), base(tokens), rtol=1e-6, atol=1e-6)
   trainer, state, history = _run(None, steps=2, lora_config=config, select="lora")
   assert history[1]["loss"] < history[0]["loss"] + 1.0
   trained = trainer.model(state)
