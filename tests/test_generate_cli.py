@@ -16,7 +16,7 @@ import torch
 
 from smallfour.chat import ChatTokenizer
 from smallfour.checkpoint import convert as convert_lib
-from tests import oracle
+from tests import launch_many, oracle
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "launch" / "examples"
@@ -62,14 +62,13 @@ def test_converted_float32_checkpoint_reproduces_transformers(tmp_path, converte
   assert " ".join(map(str, got)) in out.stdout  # streamed to the terminal
 
 
-def test_checkpoint_tokenizer_errors(converted):
+def test_checkpoint_tokenizer_errors(runs):
   """Chat on a checkpoint needs its tekken.json (or --tokenizer) and one that fits it."""
-  ckpt, _ = converted
-  missing = _generate(f"--ckpt={ckpt}", "--prompt=hi")
+  ckpt = runs.ckpt
+  missing = runs["missing tokenizer"]
   assert missing.returncode != 0
   assert f"no tokenizer: {ckpt / 'tekken.json'} does not exist" in missing.stderr
-  builtin = ChatTokenizer.builtin().path
-  misfit = _generate(f"--ckpt={ckpt}", "--prompt=hi", f"--tokenizer={builtin}", "--dry_run")
+  misfit = runs["misfit tokenizer"]
   assert misfit.returncode != 0 and "does not fit the model (vocab 256" in misfit.stderr
 
 
@@ -103,18 +102,69 @@ def test_readme_command_chats_on_a_fresh_machine(tmp_path):
     assert text is None or text in out.stdout  # streamed to the terminal
 
 
-@pytest.mark.parametrize("flags, sampling", [
+DRY_RUNS = [
     (["--prompt=hi"], "Sampling(temperature=0.0, top_k=0, top_p=1.0), max_new_tokens=1024"),
     (["--prompt=hi", "--reasoning_effort=high"],
      "Sampling(temperature=0.7, top_k=0, top_p=1.0), max_new_tokens=8192"),
     ([f"--messages={EXAMPLES / 'weather_round_trip.json'}", "--temperature=0.2", "--top_p=0.9",
       "--max_new_tokens=64"],
      "Sampling(temperature=0.2, top_k=0, top_p=0.9), max_new_tokens=64"),
-])
-def test_dry_run(tmp_path, flags, sampling):
+]
+GOOD = ["--config=tiny", "--prompt_ids=1,2,3", "--max_new_tokens=5", "--temperature=0.7",
+        "--top_k=20", "--top_p=0.9", "--seed=3"]
+BAD_FLAGS = [  # each after --config=tiny --prompt_ids=1,2,3 --max_new_tokens=2; {tmp}: a folder
+    (["--temperature=-1"], "temperature must be >= 0"),
+    (["--top_p=0"], "top_p must lie in (0, 1]"),
+    (["--prompt_ids=1,131072"], "token ids outside [0, 131072)"),
+    (["--mesh=data:1,expert:x"], "expected data:D,expert:E,tensor:T"),
+    (["--mesh=data:1,expert:16,tensor:1"], "needs 16 devices; 8 are available"),
+    (["--mesh=data:1,expert:3,tensor:1"], "8 experts are not divisible by the expert axis"),
+    (["--num_processes=2"], "need all of --coordinator_address, --num_processes"),
+    (["--ckpt=/nonexistent"], "give exactly one of --ckpt and --config"),
+    (["--prompt=hi"], "give exactly one of --prompt, --messages and --prompt_ids"),
+    (["--prompt_ids=", "--messages={tmp}/bad.json"],
+     "messages[1].tool_call_id: 'x' answers no tool call"),
+    (["--prompt_ids=", "--messages={tmp}/none.json"], "No such file"),
+    (["--prompt_ids=", "--prompt=hi", "--reasoning_effort=low"],
+     "flag --reasoning_effort=low: value should be one of <none|high>"),
+]
+
+
+class Runs(dict):
+  """Named launch/generate.py runs (CompletedProcess), the folder their files went to."""
+  tmp: pathlib.Path
+  ckpt: pathlib.Path
+
+
+@pytest.fixture(scope="module")
+def runs(converted, tmp_path_factory) -> Runs:
+  """The dry runs, the tiny preset, each bad flag and the tokenizer errors, all in one
+  interpreter (tests/launch_many.py): one start instead of nineteen."""
+  tmp = tmp_path_factory.mktemp("runs")
+  (tmp / "bad.json").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                '{"role": "tool", "tool_call_id": "x", "content": "1"}]}')
+  ckpt, _ = converted
+  cases = {f"dry run {i}": ["--config=tiny", "--dry_run", *flags,
+                            f"--output_json={tmp / f'dry{i}.json'}"]
+           for i, (flags, _) in enumerate(DRY_RUNS)}
+  cases["tiny preset"] = [*GOOD, f"--output_json={tmp / 'tiny.json'}"]
+  for i, (flags, _) in enumerate(BAD_FLAGS):
+    cases[f"bad flag {i}"] = ["--config=tiny", "--prompt_ids=1,2,3", "--max_new_tokens=2",
+                              *(f.format(tmp=tmp) for f in flags)]
+  cases["missing tokenizer"] = [f"--ckpt={ckpt}", "--prompt=hi"]
+  cases["misfit tokenizer"] = [f"--ckpt={ckpt}", "--prompt=hi",
+                               f"--tokenizer={ChatTokenizer.builtin().path}", "--dry_run"]
+  out = Runs(zip(cases, launch_many.run("generate.py", cases.values()), strict=True))
+  out.tmp, out.ckpt = tmp, ckpt
+  return out
+
+
+@pytest.mark.parametrize("i", range(len(DRY_RUNS)), ids=["prompt", "reasoning", "messages"])
+def test_dry_run(runs, i):
   """Encodes, shows the prompt and the sampling defaults of its reasoning effort (overridable),
   writes the prompt ids; no weights."""
-  out = _generate("--config=tiny", "--dry_run", *flags, f"--output_json={tmp_path / 'o.json'}")
+  flags, sampling = DRY_RUNS[i]
+  out = runs[f"dry run {i}"]
   assert out.returncode == 0, out.stderr
   tok = ChatTokenizer.builtin()
   messages = next((f.split("=", 1)[1] for f in flags if f.startswith("--messages=")), None)
@@ -123,36 +173,17 @@ def test_dry_run(tmp_path, flags, sampling):
   if "--reasoning_effort=high" in flags:
     request["reasoning_effort"] = "high"
   ids = tok.encode(request)
-  assert json.loads((tmp_path / "o.json").read_text()) == {"prompt_ids": ids}
+  assert json.loads((runs.tmp / f"dry{i}.json").read_text()) == {"prompt_ids": ids}
   assert out.stdout.splitlines()[:3] == [sampling, f"prompt: {len(ids)} tokens",
                                          ",".join(map(str, ids))]
   assert tok.render(ids) in out.stdout
   assert "tokens in" not in out.stderr  # nothing was generated
 
 
-def test_tiny_preset_and_bad_flags(tmp_path):
-  ok = _generate("--config=tiny", "--prompt_ids=1,2,3", "--max_new_tokens=5",
-                 "--temperature=0.7", "--top_k=20", "--top_p=0.9", "--seed=3",
-                 f"--output_json={tmp_path / 'o.json'}")
+def test_tiny_preset_and_bad_flags(runs):
+  ok = runs["tiny preset"]
   assert ok.returncode == 0, ok.stderr
-  assert len(json.loads((tmp_path / "o.json").read_text())["token_ids"]) == 5
-  (tmp_path / "bad.json").write_text('{"messages": [{"role": "user", "content": "hi"}, '
-                                     '{"role": "tool", "tool_call_id": "x", "content": "1"}]}')
-  for flags, message in [
-      (["--temperature=-1"], "temperature must be >= 0"),
-      (["--top_p=0"], "top_p must lie in (0, 1]"),
-      (["--prompt_ids=1,131072"], "token ids outside [0, 131072)"),
-      (["--mesh=data:1,expert:x"], "expected data:D,expert:E,tensor:T"),
-      (["--mesh=data:1,expert:16,tensor:1"], "needs 16 devices; 8 are available"),
-      (["--mesh=data:1,expert:3,tensor:1"], "8 experts are not divisible by the expert axis"),
-      (["--num_processes=2"], "need all of --coordinator_address, --num_processes"),
-      (["--ckpt=/nonexistent"], "give exactly one of --ckpt and --config"),
-      (["--prompt=hi"], "give exactly one of --prompt, --messages and --prompt_ids"),
-      (["--prompt_ids=", f"--messages={tmp_path / 'bad.json'}"],
-       "messages[1].tool_call_id: 'x' answers no tool call"),
-      (["--prompt_ids=", f"--messages={tmp_path / 'none.json'}"], "No such file"),
-      (["--prompt_ids=", "--prompt=hi", "--reasoning_effort=low"],
-       "flag --reasoning_effort=low: value should be one of <none|high>"),
-  ]:
-    bad = _generate("--config=tiny", "--prompt_ids=1,2,3", "--max_new_tokens=2", *flags)
+  assert len(json.loads((runs.tmp / "tiny.json").read_text())["token_ids"]) == 5
+  for i, (flags, message) in enumerate(BAD_FLAGS):
+    bad = runs[f"bad flag {i}"]
     assert bad.returncode != 0 and message in bad.stderr, (flags, bad.stderr[-500:])
