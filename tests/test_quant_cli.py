@@ -11,7 +11,7 @@ import pytest
 
 from smallfour.checkpoint import restore as restore_lib
 from smallfour.inference.engine import Engine
-from tests import checkpoints, oracle
+from tests import checkpoints, launch_many, oracle
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PROMPT = [1, 5, 7, 9, 11, 3]
@@ -63,19 +63,22 @@ def test_tiny_preset_int4_on_a_mesh(tmp_path):
 
 
 def test_bad_flags_fail_in_one_line(release, tmp_path):
-  out = _run("generate.py", "--config=tiny", "--prompt_ids=1,5,7", "--weights_dtype=int4")
-  assert out.returncode != 0
-  assert out.stderr.strip().splitlines()[-1] == (
+  """Each launcher's runs in one interpreter (tests/launch_many.py): two starts, not four."""
+  dst = tmp_path / "int4"
+  bad, good = launch_many.run("convert.py", [
+      [f"--src={release / 'native'}", f"--dst={tmp_path / 'x'}", "--dtype=int4",
+       "--group_size=64"],
+      [f"--src={release / 'native'}", f"--dst={dst}", "--dtype=int4", "--group_size=16"]])
+  assert bad.returncode != 0 and "--group_size=64 does not divide layers.1.ffn.experts." \
+      "down_proj's input dim 32" in bad.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / "x").exists()
+  assert good.returncode == 0, good.stderr
+  preset, ckpt = launch_many.run("generate.py", [
+      ["--config=tiny", "--prompt_ids=1,5,7", "--weights_dtype=int4"],
+      [f"--ckpt={dst}", "--prompt_ids=1,5", "--group_size=32"]])
+  assert preset.returncode != 0
+  assert preset.stderr.strip().splitlines()[-1] == (
       "error: --group_size=128 does not divide hidden_size=64, an input dim of the routed "
       "experts; pick a divisor")
-  out = _run("convert.py", f"--src={release / 'native'}", f"--dst={tmp_path / 'x'}",
-             "--dtype=int4", "--group_size=64")
-  assert out.returncode != 0 and "--group_size=64 does not divide layers.1.ffn.experts." \
-      "down_proj's input dim 32" in out.stderr.strip().splitlines()[-1]
-  assert not (tmp_path / "x").exists()
-  dst = tmp_path / "int4"
-  assert _run("convert.py", f"--src={release / 'native'}", f"--dst={dst}", "--dtype=int4",
-              "--group_size=16").returncode == 0
-  out = _run("generate.py", f"--ckpt={dst}", "--prompt_ids=1,5", "--group_size=32")
-  assert out.returncode != 0 and out.stderr.strip().splitlines()[-1].startswith(
+  assert ckpt.returncode != 0 and ckpt.stderr.strip().splitlines()[-1].startswith(
       f"error: {dst} was quantized with --group_size=16, not 32")

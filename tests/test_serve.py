@@ -6,10 +6,7 @@ call has a timeout and no retries, and every wait polls against a deadline.
 
 import concurrent.futures
 import json
-import pathlib
 import socket
-import subprocess
-import sys
 import time
 import types
 import urllib.error
@@ -25,6 +22,7 @@ from smallfour.inference.engine import Engine
 from smallfour.inference.requests import Event, Request
 from smallfour.nn.decoder import Transformer
 from smallfour.serve.server import Server
+from tests import launch_many
 
 MAX_LEN, MAX_BATCH = 256, 4
 TIMEOUT = 120
@@ -349,16 +347,17 @@ def test_an_engine_failure_takes_the_server_down(tok, monkeypatch):
     server.stop()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--ckpt={tmp}"], "error: {tmp} is not a converted smallfour checkpoint (no "
-                       "{tmp}/smallfour_config.json)"),
-    (["--config=tiny", "--weights_dtype=int4", "--group_size=7"],
-     "error: --group_size=7 does not divide hidden_size=64, an input dim of the routed "
-     "experts; pick a divisor"),
-])
-def test_the_launcher_refuses_bad_weights_in_one_line(tmp_path, flags, message):
-  launcher = pathlib.Path(__file__).resolve().parents[1] / "launch" / "serve.py"
-  run = subprocess.run([sys.executable, str(launcher), *(f.format(tmp=tmp_path) for f in flags),
-                        "--port=0"], capture_output=True, text=True, timeout=TIMEOUT)
-  assert run.returncode != 0
-  assert run.stderr.strip().splitlines()[-1] == message.format(tmp=tmp_path)
+def test_the_launcher_refuses_bad_weights_in_one_line(tmp_path):
+  """Both refusals from one interpreter (tests/launch_many.py)."""
+  cases = [
+      (["--ckpt={tmp}"], "error: {tmp} is not a converted smallfour checkpoint (no "
+                         "{tmp}/smallfour_config.json)"),
+      (["--config=tiny", "--weights_dtype=int4", "--group_size=7"],
+       "error: --group_size=7 does not divide hidden_size=64, an input dim of the routed "
+       "experts; pick a divisor"),
+  ]
+  runs = launch_many.run("serve.py", [[*(f.format(tmp=tmp_path) for f in flags), "--port=0"]
+                                      for flags, _ in cases], timeout=TIMEOUT)
+  for (flags, message), run in zip(cases, runs, strict=True):
+    assert run.returncode != 0, flags
+    assert run.stderr.strip().splitlines()[-1] == message.format(tmp=tmp_path)

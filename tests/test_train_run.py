@@ -19,6 +19,7 @@ from smallfour.nn.decoder import Transformer
 from smallfour.train import loop
 from smallfour.train.lora import LoraConfig
 from smallfour.train.optimizer import OptimizerConfig
+from tests import launch_many
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 COUNTRIES = [("France", "Paris"), ("Japan", "Tokyo"), ("Peru", "Lima"), ("Norway", "Oslo")]
@@ -99,7 +100,7 @@ def _cli(*flags):
                         capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.parametrize("lines, flags, message", [
+BAD_DATA = [
     (['{"messages": [{"role": "user", "content": "Hi"}, '
       '{"role": "assistant", "content": "Hello"}]}', '{"messages": ['],
      [], r"chat.jsonl:2: not valid JSON \(.*\) \(--bad_lines=skip skips such lines\)"),
@@ -108,11 +109,24 @@ def _cli(*flags):
     (['{"messages": [{"role": "user", "content": "Hi"}, {"role": "tool", '
       '"tool_call_id": "x", "content": "1"}, {"role": "assistant", "content": "A"}]}'], [],
      r"chat.jsonl:1: messages\[1\].tool_call_id: 'x' answers no tool call"),
-])
-def test_bad_data_fails_in_one_line(tmp_path, lines, flags, message):
-  (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
-  out = _cli("--config=tiny", f"--data={tmp_path / 'chat.jsonl'}", "--steps=1",
-             f"--out={tmp_path / 'run'}", *flags)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_data_runs(tmp_path_factory):
+  """launch/train.py on each BAD_DATA file, all in one interpreter (tests/launch_many.py)."""
+  cases = []
+  for i, (lines, flags, _) in enumerate(BAD_DATA):
+    tmp = tmp_path_factory.mktemp(f"bad_data{i}")
+    (tmp / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    cases.append(["--config=tiny", f"--data={tmp / 'chat.jsonl'}", "--steps=1",
+                  f"--out={tmp / 'run'}", *flags])
+  return launch_many.run("train.py", cases, timeout=900)
+
+
+@pytest.mark.parametrize("i", range(len(BAD_DATA)), ids=["json", "nothing", "tool_call_id"])
+def test_bad_data_fails_in_one_line(bad_data_runs, i):
+  out, message = bad_data_runs[i], BAD_DATA[i][2]
   assert out.returncode != 0
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and re.search(message, last), out.stderr

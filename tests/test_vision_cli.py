@@ -16,7 +16,7 @@ from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImag
 
 from smallfour.checkpoint import convert as convert_lib
 from smallfour.nn import multimodal
-from tests import checkpoints, oracle, vision_oracle
+from tests import checkpoints, launch_many, oracle, vision_oracle
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -75,37 +75,55 @@ def test_images_reproduce_transformers(tmp_path, converted, mesh):
   assert result["token_ids"] == ref
 
 
-@pytest.mark.parametrize("flags, message", [
+PLACEHOLDERS = [
     (["--prompt_ids=1,10,10,5"], r"the prompt has 2 \[IMG\] placeholder\(s\) \(id 10\) for 1"),
     (["--prompt_ids=1,5"], r"the prompt has 0 \[IMG\] placeholder\(s\) \(id 10\) for 1"),
-])
-def test_placeholders_must_pair_with_images(converted, flags, message):
+]
+BAD_IMAGES = [("{tmp}/junk.png", "junk.png: not a decodable image"),
+              ("{tmp}/none.png", "none.png: cannot read"),
+              ("http://example.com/a.png", "is a network URL")]
+
+
+@pytest.fixture(scope="module")
+def runs(converted, tmp_path_factory):
+  """The refusals and the tiny preset's image chat, in one interpreter
+  (tests/launch_many.py): one start instead of seven."""
   ckpt, _, paths = converted
-  out = _generate(f"--ckpt={ckpt}", *flags, f"--image={paths[0]}", "--max_new_tokens=2")
+  tmp = tmp_path_factory.mktemp("vision_cli_runs")
+  (tmp / "junk.png").write_bytes(b"not a png")
+  cases = {f"placeholders {i}": [f"--ckpt={ckpt}", *flags, f"--image={paths[0]}",
+                                 "--max_new_tokens=2"]
+           for i, (flags, _) in enumerate(PLACEHOLDERS)}
+  cases.update({f"bad image {i}": [f"--ckpt={ckpt}", "--prompt_ids=1,10",
+                                   f"--image={path.format(tmp=tmp)}", "--max_new_tokens=2"]
+                for i, (path, _) in enumerate(BAD_IMAGES)})
+  chat = ["--config=tiny", "--prompt=What is this?", f"--image={paths[0]}"]
+  cases["chat dry run"] = [*chat, "--dry_run"]
+  cases["chat"] = [*chat, "--max_new_tokens=3", f"--output_json={tmp / 'o.json'}"]
+  outs = dict(zip(cases, launch_many.run("generate.py", cases.values()), strict=True))
+  return outs, tmp
+
+
+@pytest.mark.parametrize("i", range(len(PLACEHOLDERS)), ids=["two", "none"])
+def test_placeholders_must_pair_with_images(runs, i):
+  out, message = runs[0][f"placeholders {i}"], PLACEHOLDERS[i][1]
   assert out.returncode != 0
   assert "error: bad prompt:" in out.stderr and re.search(message, out.stderr), out.stderr
 
 
-def test_bad_image_files_name_the_file(converted, tmp_path):
-  ckpt, _, _ = converted
-  (tmp_path / "junk.png").write_bytes(b"not a png")
-  for path, message in ((tmp_path / "junk.png", "junk.png: not a decodable image"),
-                        (tmp_path / "none.png", "none.png: cannot read"),
-                        ("http://example.com/a.png", "is a network URL")):
-    out = _generate(f"--ckpt={ckpt}", "--prompt_ids=1,10", f"--image={path}",
-                    "--max_new_tokens=2")
+def test_bad_image_files_name_the_file(runs):
+  for i, (_, message) in enumerate(BAD_IMAGES):
+    out = runs[0][f"bad image {i}"]
     assert out.returncode != 0 and message in out.stderr, out.stderr
 
 
-def test_chat_with_an_image_on_the_tiny_preset(tmp_path, converted):
+def test_chat_with_an_image_on_the_tiny_preset(runs):
   """--prompt with --image: mistral-common lays the image before the text (v15), and the
   dry run shows it; a real run generates."""
-  _, _, paths = converted
-  out = _generate("--config=tiny", "--prompt=What is this?", f"--image={paths[0]}",
-                  "--dry_run")
+  outs, tmp = runs
+  out = outs["chat dry run"]
   assert out.returncode == 0, out.stderr
   assert "[INST][IMG]" in out.stdout and "[IMG_END]What is this?[/INST]" in out.stdout
-  out = _generate("--config=tiny", "--prompt=What is this?", f"--image={paths[0]}",
-                  "--max_new_tokens=3", f"--output_json={tmp_path / 'o.json'}")
+  out = outs["chat"]
   assert out.returncode == 0, out.stderr
-  assert len(json.loads((tmp_path / "o.json").read_text())["token_ids"]) >= 1
+  assert len(json.loads((tmp / "o.json").read_text())["token_ids"]) >= 1
