@@ -176,12 +176,26 @@ def test_an_engine_failure_reaches_every_client(model, monkeypatch):
 
 @pytest.mark.slow
 def test_a_mesh_gives_the_same_answers(model, engine):
-  """Experts split over 2 devices (expert-parallel MoE), the cache placed by the rule table."""
-  requests = [Request(PROMPTS[1], 6), Request(PROMPTS[3], 6)]  # one bucket, one window
+  """Experts split over 2 devices (expert-parallel MoE), the pool placed by the rule table;
+  a pool of 8 pages makes the three requests preempt, and the third shares its first two
+  pages with the first."""
+  requests = [Request(PROMPTS[0], 20), Request(PROMPTS[3], 30), Request(PROMPTS[0][:20], 6)]
   mesh = sharding.make_mesh({"data": 1, "expert": 2, "tensor": 1}, model.cfg)
   placed = sharding.init_sharded(lambda: Transformer(model.cfg, rngs=nnx.Rngs(3)), mesh)
-  on_mesh = make(placed, mesh=mesh)
+  on_mesh = make(placed, mesh=mesh, cache_tokens=64)
   assert on_mesh.run(requests) == engine.run(requests)
+  assert on_mesh.scheduler.preemptions > 0 and on_mesh.scheduler.pool.hit_tokens > 0
+
+
+def test_warmup_compiles_every_shape_requests_meet(model):
+  engine = make(model)
+  shapes = engine.warmup()
+  compiled = lambda: (engine.paged._decode_jit._cache_size(),  # noqa: E731
+                      engine.paged._extend_jit._cache_size())
+  before = compiled()
+  assert before == (sum(k == "decode" for k, *_ in shapes), sum(k == "chunk" for k, *_ in shapes))
+  engine.run([Request(p, 12) for p in PROMPTS] + [Request(tuple(range(100, 160)), 4)])
+  assert compiled() == before
 
 
 LONG = tuple(range(2000, 2000 + 45))  # 5 pages of 8 and a part

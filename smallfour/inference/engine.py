@@ -236,16 +236,19 @@ class Engine:
     shapes = []
     keys = np.zeros((self.max_batch, 2), np.uint32)
     zeros = np.zeros(self.max_batch, np.int32)
+    rows = jax.tree.map(self.paged._put, self._rows)
     for n in windows:
       table = np.full((self.max_batch, n), self.paged.sink, np.int32)
-      self._pool, *_ = self.paged.decode(self._pool, zeros, zeros, table, keys, self._rows)
+      self._pool, *_ = self.paged.decode(self._pool, zeros, zeros, table, keys, rows)
       shapes.append(("decode", self.max_batch, n))
     size = p
     while size <= paged.bucket(self.scheduler.max_tokens, p):
-      for n in (w for w in windows if w * p >= size):
-        self._pool, *_ = self.paged.extend(self._pool, np.zeros(size, np.int32), n * p - size,
-                                           np.zeros(0, np.int32), keys[0],
-                                           SamplingRows.of([GREEDY]))
+      least = size // 2 + 1 if size > p else 1  # the fewest tokens padded to `size`
+      for n in (w for w in windows if w * p >= least):
+        tokens = min(size, n * p)  # ending in the window's last page: it buckets to n
+        self._pool, *_ = self.paged.extend(self._pool, np.zeros(tokens, np.int32),
+                                           (n * p - tokens) // p * p, np.zeros(0, np.int32),
+                                           keys[0], SamplingRows.of([GREEDY]))
         shapes.append(("chunk", size, n))
       size *= 2
     jax.block_until_ready(self._pool)

@@ -108,7 +108,7 @@ class PagedModel:
     size = bucket(n, p)
     padded = np.zeros((1, size), np.int32)
     padded[0, :n] = tokens
-    width = bucket(-(-(start + size) // p))
+    width = bucket(-(-(start + n) // p))  # the padding's pages, past it, go to the sink
     table = np.full((1, width), self.sink, np.int32)
     table[0, :len(page_table)] = page_table
     images = None

@@ -279,8 +279,9 @@ def write_pages(pool: jax.Array, layer: int, start: jax.Array, page_table: jax.A
   One `dynamic_update_slice` per sequence (S == 1) or per page (S a multiple of the page
   size, `start` on a page boundary), without bounds checks, for the reason `write_rows`
   gives: XLA:TPU copies a cache updated by a scatter into a layout of its own and back.
+  The last page of the pool is the sink: pages of padding past the table's end go there.
   """
-  page = pool.shape[2]
+  page, sink = pool.shape[2], pool.shape[1] - 1
   b, s, w = rows.shape
   for i in range(b):
     first = start[i] // page
@@ -288,9 +289,12 @@ def write_pages(pool: jax.Array, layer: int, start: jax.Array, page_table: jax.A
       at = (layer, page_table[i, first], start[i] % page, 0)
       pool = jax.lax.dynamic_update_slice(pool, rows[i].reshape(1, 1, 1, w), at)
       continue
-    for j in range(s // page):
+    for j in range(s // page):  # padding pages past the table's end go to the sink
+      index = first + j
+      target = jnp.where(index < page_table.shape[1],
+                         page_table[i, jnp.minimum(index, page_table.shape[1] - 1)], sink)
       block = rows[i, j * page:(j + 1) * page].reshape(1, 1, page, w)
-      pool = jax.lax.dynamic_update_slice(pool, block, (layer, page_table[i, first + j], 0, 0))
+      pool = jax.lax.dynamic_update_slice(pool, block, (layer, target, 0, 0))
   return pool
 
 
