@@ -153,16 +153,18 @@ def test_two_processes_generate_what_one_does(tmp_path, source):
     model_flag = f"--ckpt={tmp_path / 'ckpt'}"
   prompt = [1, 2, 3, 40, 41]
   common = [model_flag, f"--prompt_ids={','.join(map(str, prompt))}", "--max_new_tokens=12"]
+  # The one-process run goes alongside the pair: three starts overlapped, not two in turn.
   one = _generate([*common, "--mesh=data:1,expert:1,tensor:1",
                    f"--output_json={tmp_path / 'one.json'}"], devices=1)
-  _, err = one.communicate(timeout=300)  # not wait(): full pipes would block the child
-  assert one.returncode == 0, err[-2000:]
   port = _free_port()
   procs = [_generate([*common, "--mesh=data:2,expert:4,tensor:1",
                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                       f"--process_id={i}", f"--output_json={tmp_path / f'two{i}.json'}"],
                      devices=4) for i in range(2)]
+  # communicate(), not wait(): full pipes would block a child.
+  _, err = one.communicate(timeout=300)
   outs = [p.communicate(timeout=300) for p in procs]
+  assert one.returncode == 0, err[-2000:]
   for i, (p, (_, err)) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, (i, err[-3000:])
   assert "2 process(es)" in outs[0][1], outs[0][1][-2000:]
