@@ -106,6 +106,7 @@ def test_cancel_frees_the_slot_before_the_next_step(engine):
   ticket.cancel()
   waiting = engine.submit(Request(PROMPTS[1], 40), events.append)
   waiting.cancel()
+  assert engine.waiting == 0 and events[-1].finish_reason == "cancelled"  # at once
   assert not engine.step()
   assert engine.active == 0 and engine.waiting == 0
   assert [e.finish_reason for e in events][-2:] == ["cancelled", "cancelled"]
