@@ -5,10 +5,14 @@
   python launch/info.py --config=small4_119b --plan --target=v6e:2x4 --weights_dtype=fp8
   python launch/info.py --config=small4_119b --plan --target=h100 --mesh=data:1,expert:4,tensor:1
 
-`--plan`: does the config fit the target, with how much room, and how fast could its
-decode and prefill steps go. A TPU topology (v5p:2x2x2, v6e:2x4, tpu7x:2x2x1, ...) is
-compiled for with libtpu (`pip install -e ".[tpu]"`; no TPU needed, ~1-2 min per step
-for the 119B); a GPU (h100, h200, b200) is counted from shapes. See smallfour/plan/.
+`--plan`: does the config fit the target, with how much room, how many tokens of context
+the page pool could hold beside the weights, and how fast could its decode and prefill
+steps go. The pool (`--cache_tokens`, default batch × max_len, in pages of `--page_size`)
+is held whole by every device; prefill is compiled for one prompt chunk of
+`--max_num_batched_tokens` (the serving engine's flags of those names). A TPU topology
+(v5p:2x2x2, v6e:2x4, tpu7x:2x2x1, ...) is compiled for with libtpu
+(`pip install -e ".[tpu]"`; no TPU needed, minutes per step for the 119B; `--noprobe`
+halves it); a GPU (h100, h200, b200) is counted from shapes. See smallfour/plan/.
 """
 
 import json
@@ -35,9 +39,21 @@ _GROUP_SIZE = flags.DEFINE_integer("group_size", quant.DEFAULT_GROUP_SIZE,
                                    "int4: inputs per scale (the converter's --group_size).")
 _DENSE_DTYPE = flags.DEFINE_enum("dense_dtype", "bfloat16", quant.DENSE_DTYPES,
                                  "int8/int4: attention and shared experts (the converter's).")
-_BATCH = flags.DEFINE_integer("batch", 8, "Sequences decoded together.")
-_MAX_LEN = flags.DEFINE_integer("max_len", 32768, "Cache tokens per sequence.")
-_PREFILL_LEN = flags.DEFINE_integer("prefill_len", None, "Prompt tokens (default max_len).")
+_BATCH = flags.DEFINE_integer("batch", 8, "Sequences decoded together (the engine's "
+                              "--max_batch).")
+_MAX_LEN = flags.DEFINE_integer("max_len", 32768, "Tokens one sequence holds: the decode "
+                                "step's window.")
+_PREFILL_LEN = flags.DEFINE_integer("prefill_len", None, "Prompt tokens (default max_len): "
+                                    "the window of the prompt chunk compiled.")
+_CACHE_TOKENS = flags.DEFINE_integer("cache_tokens", None, "Tokens the page pool holds, all "
+                                     "sequences together (default batch × max_len).")
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per page of the pool (a power "
+                                  "of two).")
+_MAX_NUM_BATCHED_TOKENS = flags.DEFINE_integer("max_num_batched_tokens", 512,
+                                               "A step's token budget: the prompt chunk "
+                                               "compiled for prefill.")
+_PROBE = flags.DEFINE_bool("probe", True, "TPU: compile the steps again over half the "
+                           "pool, to measure what a cached token costs each.")
 _JSON = flags.DEFINE_string("json", None, "Also write the JSON here.")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled step's HLO here.")
 
@@ -55,9 +71,13 @@ def main(argv):
       mesh = sharding.parse_mesh(_MESH.value) if _MESH.value else None
       out = plan.make_plan(cfg, _TARGET.value, mesh=mesh, weights_dtype=_WEIGHTS_DTYPE.value,
                            batch=_BATCH.value, max_len=_MAX_LEN.value,
-                           prefill_len=_PREFILL_LEN.value, hlo_dir=_HLO_DIR.value,
+                           prefill_len=_PREFILL_LEN.value, cache_tokens=_CACHE_TOKENS.value,
+                           page_size=_PAGE_SIZE.value,
+                           max_num_batched_tokens=_MAX_NUM_BATCHED_TOKENS.value,
+                           probe=_PROBE.value, hlo_dir=_HLO_DIR.value,
                            group_size=_GROUP_SIZE.value, dense_dtype=_DENSE_DTYPE.value)
-    except (sharding.MeshError, hardware.TargetError, quant.QuantError) as e:
+    except (sharding.MeshError, hardware.TargetError, quant.QuantError,
+            plan.SizeError) as e:
       raise app.UsageError(str(e)) from None
     out = {"config": _CONFIG.value, **out}
   else:

@@ -67,3 +67,29 @@ def test_info_cli(tmp_path):
   missing = _info(f"--config={tmp_path}")
   assert missing.returncode != 0
   assert "config.json: missing required field" in missing.stderr + missing.stdout
+
+
+def test_info_plan_flags_size_the_pool():
+  """`--cache_tokens`, `--page_size`, `--max_num_batched_tokens` are the engine's: the plan
+  counts that pool (whole on every device) and that prompt chunk, and says how many
+  tokens of context fit; sizes the engine would refuse are usage errors."""
+  out = _info("--config=tiny", "--plan", "--target=h100", "--mesh=data:1,expert:2,tensor:1",
+              "--batch=2", "--max_len=1024", "--cache_tokens=4096", "--page_size=32",
+              "--max_num_batched_tokens=256", "--prefill_len=1000")
+  assert out.returncode == 0, out.stderr
+  plan = json.loads(out.stdout)
+  cfg = configs.resolve("tiny")
+  token = 2 * cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+  assert plan["pool"] == {"pages": 128, "tokens": 4096, "bytes": token * (4096 + 32),
+                          "bytes_per_token": token, "replicated": True}
+  assert (plan["cache_tokens"], plan["page_size"], plan["max_num_batched_tokens"]) == (
+      4096, 32, 256)
+  assert plan["prefill_chunk_tokens"] == 256 and plan["decode"]["counted"]["cache_bytes"] \
+      == plan["prefill"]["counted"]["cache_bytes"] == token * (4096 + 32)
+  context = plan["context_tokens_that_fit"]
+  assert context % 32 == 0 and context > 4096
+  assert "page pool of 4,096 tokens" in plan["summary"]
+  assert f"context that fits beside the weights: {context:,} tokens" in plan["summary"]
+  bad = _info("--config=tiny", "--plan", "--target=h100", "--page_size=24")
+  assert bad.returncode != 0
+  assert "page_size must be a power of two" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,5 +1,6 @@
-"""Serving plans (`launch/info.py --plan`): compiled for an abstract TPU topology by libtpu
-and checked against counts from shapes made here independently; GPU plans on paper."""
+"""Serving plans (`launch/info.py --plan`): the engine's paged decode step and prompt chunk
+compiled for an abstract TPU topology by libtpu and checked against counts from shapes made
+here independently (the page pool whole on every device); GPU plans on paper."""
 
 import json
 import os
@@ -26,48 +27,65 @@ def vision_params(cfg) -> int:
   return sum(v.size for path, v in summary.abstract_flat(cfg).items() if path[0] == "vision")
 
 
-def expected_counts(cfg, experts_axis, batch, max_len, weight_bytes=2):
-  """Per-device weights, decode cache and decode unavoidable bytes with every device on
-  the expert axis, from the parameter counts alone (bf16)."""
+def expected_counts(cfg, experts_axis, batch, max_len, weight_bytes=2, cache_tokens=None,
+                    page_size=16):
+  """Per-device weights, page pool and decode unavoidable bytes with every device on the
+  expert axis, from the parameter counts alone (bf16 cache)."""
   counts = summary.param_counts(cfg)
   routed = counts["routed_expert_params"]
   text = counts["total_params"] - vision_params(cfg)
   weights = weight_bytes * (text - routed + routed // experts_axis)
-  width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-  cache = 2 * cfg.num_layers * batch * (max_len + 1) * width // experts_axis  # + the sink
+  token = 2 * cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # all layers
+  pages = (cache_tokens or batch * max_len) // page_size
+  pool = token * (pages + 1) * page_size  # + the sink page; whole on every device
+  window = token * batch * max_len // experts_axis  # each device reads its sequences'
   local = cfg.num_experts // experts_axis
   used = local * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** batch)
   unavoidable = (weight_bytes * (text - routed - counts["embedding_params"])
                  + 2 * batch * cfg.hidden_size + used / local * weight_bytes * routed
-                 // experts_axis + cache)
-  return weights, cache, unavoidable
+                 // experts_axis + window)
+  return weights, pool, window, unavoidable
 
 
 def test_tpu_plan_compiles_and_agrees_with_shapes(tmp_path):
   cfg, batch, max_len = tiny(), 4, 256
   plan = plan_lib.make_plan(cfg, "v5e:2x2", batch=batch, max_len=max_len, prefill_len=64,
-                            hlo_dir=str(tmp_path))
+                            hlo_dir=str(tmp_path), probe=False)
   assert plan["mesh"] == {"data": 1, "expert": 4, "tensor": 1}
   assert plan["chip"] == "TPU v5e" and plan["devices"] == 4
-  weights, cache, unavoidable = expected_counts(cfg, 4, batch, max_len)
+  assert (plan["cache_tokens"], plan["page_size"], plan["max_num_batched_tokens"]) == (
+      batch * max_len, 16, 512)
+  assert plan["prefill_chunk_tokens"] == 64  # the whole (short) prompt is one chunk
+  weights, pool, window, unavoidable = expected_counts(cfg, 4, batch, max_len)
+  assert plan["pool"] == {"pages": batch * max_len // 16, "tokens": batch * max_len,
+                          "bytes": pool, "bytes_per_token": pool // (batch * max_len + 16),
+                          "replicated": True}
   decode, prefill = plan["decode"], plan["prefill"]
   assert STEP_KEYS <= set(decode) and STEP_KEYS <= set(prefill)
   assert set(decode["compiled"]) == {"argument_bytes", "temp_bytes", "output_bytes",
                                      "alias_bytes", "compile_seconds"}
-  assert decode["counted"] == {"weights_bytes": weights, "cache_bytes": cache}
+  assert decode["counted"] == {"weights_bytes": weights, "cache_bytes": pool,
+                               "window_bytes": window}
   assert decode["unavoidable_bytes"] == pytest.approx(unavoidable)
-  # The compiler's arguments are the weights and the cache (+ tokens, flags, key).
-  assert decode["compiled"]["argument_bytes"] == pytest.approx(weights + cache, rel=0.02)
-  assert decode["compiled"]["alias_bytes"] >= cache  # the donated cache is updated in place
-  assert prefill["counted"]["weights_bytes"] == weights
-  assert prefill["compiled"]["argument_bytes"] == pytest.approx(weights, rel=0.02)
+  # Both steps take the weights and the whole pool (+ tokens, page table, keys, sampling),
+  # and update the donated pool in place.
   for step in (decode, prefill):
+    assert step["counted"]["cache_bytes"] == pool
+    assert step["compiled"]["argument_bytes"] == pytest.approx(weights + pool, rel=0.02)
+    assert step["compiled"]["alias_bytes"] >= pool
     assert step["bytes_accessed"] > 0 and step["flops"] > 0
+    # Not measured (probe=False): a cached token costs a step its own bytes.
+    assert step["cached_token_bytes"] == plan["pool"]["bytes_per_token"]
+  assert plan["context_probe_pages"] is None
   assert plan["fits"] is True
   peak = max(compiled.peak_bytes(s["compiled"]) for s in (decode, prefill))
   assert plan["vision_weights_bytes"] == 2 * vision_params(cfg)
   assert plan["headroom_bytes"] == pytest.approx(hardware.TPU_CHIPS["TPU v5 lite"].hbm_bytes
                                                  - peak - plan["vision_weights_bytes"])
+  # The context that fits: far more than this pool, in whole pages.
+  context = plan["context_tokens_that_fit"]
+  assert context % 16 == 0 and context > 100 * plan["cache_tokens"]
+  assert f"{context:,} tokens" in plan["summary"]
   assert decode["ceiling_tokens_per_s"] == pytest.approx(batch * 0.819e12 / unavoidable)
   json.dumps(plan)  # all of it is JSON
   # Where the decode step's bytes go, by source line: the LM head (the tiny model's
@@ -86,30 +104,45 @@ def test_fp8_tpu_plan_holds_the_codes():
   scales (no bf16 copy among the arguments), as counted here from the abstract tree."""
   cfg, batch, max_len = tiny(), 4, 256
   plan = plan_lib.make_plan(cfg, "v5e:2x2", batch=batch, max_len=max_len, prefill_len=64,
-                            weights_dtype="fp8")
+                            weights_dtype="fp8", probe=False)
   flat = summary.abstract_flat(cfg, fp8=True)
   weights = sum(v.size * v.dtype.itemsize // (4 if "experts" in p and p[-3] == "experts"
                                                else 1)
                 for p, v in flat.items() if p[0] != "vision")
-  _, cache, _ = expected_counts(cfg, 4, batch, max_len)
+  _, pool, window, _ = expected_counts(cfg, 4, batch, max_len)
   decode, prefill = plan["decode"], plan["prefill"]
-  assert decode["counted"] == {"weights_bytes": weights, "cache_bytes": cache}
-  assert decode["compiled"]["argument_bytes"] == pytest.approx(weights + cache, rel=0.02)
-  assert prefill["compiled"]["argument_bytes"] == pytest.approx(weights, rel=0.02)
-  bf16_weights, _, _ = expected_counts(cfg, 4, batch, max_len)
+  assert decode["counted"] == {"weights_bytes": weights, "cache_bytes": pool,
+                               "window_bytes": window}
+  assert decode["compiled"]["argument_bytes"] == pytest.approx(weights + pool, rel=0.02)
+  assert prefill["compiled"]["argument_bytes"] == pytest.approx(weights + pool, rel=0.02)
+  bf16_weights, _, _, _ = expected_counts(cfg, 4, batch, max_len)
   assert weights < bf16_weights  # (the tiny model is mostly its bf16 embedding and head)
   assert plan["fits"] is True
 
 
-def test_tpu_plan_that_does_not_fit_is_an_answer():
-  """A cache of 2^27 tokens per sequence needs ~19 GB per v5e device (16 GB): XLA:TPU
-  refuses to compile, and the plan says by how much it misses."""
-  plan = plan_lib.make_plan(tiny(), "v5e:2x2", batch=4, max_len=2**27, prefill_len=64)
-  assert plan["fits"] is False
+def test_a_pool_that_does_not_fit_says_what_would():
+  """A pool of 2^27 tokens is 19 GB on every v5e device (16.9 GB): XLA:TPU refuses to
+  compile, and the plan says by how much it misses and, from the same steps over half the
+  pool, what a cached token costs each (more than its own bytes: the steps hold copies of
+  the pool) and how many tokens would fit. A pool of that many fits, to the rounding of
+  XLA's out-of-memory figures ("38.19G"), with next to nothing to spare."""
+  cfg = tiny()
+  plan = plan_lib.make_plan(cfg, "v5e:2x2", batch=4, max_len=256, prefill_len=64,
+                            cache_tokens=2**27)
+  assert plan["fits"] is False and plan["context_probe_pages"] == 2**27 // 16 // 2
   assert plan["decode"]["compiled"] is None and plan["decode"]["compile_seconds"] > 0
   oom = plan["decode"]["out_of_memory"]
   assert oom["needed_bytes"] > oom["available_bytes"] == pytest.approx(15.75 * 2**30)
   assert plan["missing_bytes"] >= oom["needed_bytes"] - oom["available_bytes"]
+  token = plan["pool"]["bytes_per_token"]
+  assert all(plan[s]["cached_token_bytes"] > token for s in ("decode", "prefill"))
+  context = plan["context_tokens_that_fit"]
+  assert 0 < context < 2**27 and context % 16 == 0
+  fitted = plan_lib.make_plan(cfg, "v5e:2x2", batch=4, max_len=256, prefill_len=64,
+                              cache_tokens=context, probe=False)
+  hbm = fitted["hbm_bytes_per_device"]
+  assert fitted.get("headroom_bytes", 0) < 0.01 * hbm, fitted["summary"]
+  assert fitted.get("missing_bytes", 0) < 0.001 * hbm, fitted["summary"]
 
 
 _HLO = """HloModule m
@@ -171,10 +204,27 @@ def test_gpu_plan_is_arithmetic():
   assert plan["decode"]["counted"]["weights_bytes"] == per_device
   assert plan["fits"] is True
   huge = plan_lib.make_plan(cfg, "h100", batch=1, max_len=2**30)
-  need = (huge["decode"]["counted"]["weights_bytes"] + huge["decode"]["counted"]["cache_bytes"]
-          + huge["vision_weights_bytes"])
+  _, pool, _, _ = expected_counts(cfg, 1, 1, 2**30)
+  weights = huge["decode"]["counted"]["weights_bytes"]
+  assert huge["decode"]["counted"]["cache_bytes"] == pool
+  hbm = hardware.GPU_CHIPS["h100"].hbm_bytes
   assert huge["fits"] is False
-  assert huge["missing_bytes"] == need - hardware.GPU_CHIPS["h100"].hbm_bytes
+  assert huge["missing_bytes"] == weights + pool + huge["vision_weights_bytes"] - hbm
+  # On paper the pool is all that grows: whole pages of what the weights leave, less the sink.
+  token = huge["pool"]["bytes_per_token"]
+  free = hbm - weights - huge["vision_weights_bytes"]
+  assert huge["context_tokens_that_fit"] == (int(free // (16 * token)) - 1) * 16
+  # The pool is whole on every device: more GPUs hold more weights' room, not more pool.
+  two = plan_lib.make_plan(cfg, "h100", mesh={"data": 1, "expert": 2, "tensor": 1},
+                           batch=1, max_len=2**30, cache_tokens=2**20, page_size=64,
+                           max_num_batched_tokens=256)
+  assert two["pool"] == {"pages": 2**14, "tokens": 2**20, "bytes": token * (2**20 + 64),
+                         "bytes_per_token": token, "replicated": True}
+  assert two["prefill_chunk_tokens"] == 256
+  with pytest.raises(plan_lib.SizeError, match="power of two"):
+    plan_lib.make_plan(cfg, "h100", batch=1, max_len=64, page_size=12)
+  with pytest.raises(plan_lib.SizeError, match="at least the page size"):
+    plan_lib.make_plan(cfg, "h100", batch=1, max_len=64, max_num_batched_tokens=8)
 
 
 def test_info_cli_plan(tmp_path):
@@ -185,7 +235,8 @@ def test_info_cli_plan(tmp_path):
   assert out.returncode == 0, out.stderr
   plan = json.loads((tmp_path / "plan.json").read_text())
   assert plan == json.loads(out.stdout)
-  assert {"fits", "hbm_bytes_per_device", "decode", "prefill"} <= set(plan)
+  assert {"fits", "hbm_bytes_per_device", "decode", "prefill", "pool",
+          "context_tokens_that_fit", "summary"} <= set(plan)
   bad = subprocess.run(
       [sys.executable, os.path.join(REPO, "launch", "info.py"), "--config=tiny", "--plan",
        "--target=v9z:1x1"], capture_output=True, text=True, timeout=300)
@@ -194,7 +245,7 @@ def test_info_cli_plan(tmp_path):
   # probes on the first compile) is shown only with --verbosity.
   tpu = subprocess.run(
       [sys.executable, os.path.join(REPO, "launch", "info.py"), "--config=tiny", "--plan",
-       "--target=v5e:2x2", "--batch=2", "--max_len=64", "--prefill_len=32"],
+       "--target=v5e:2x2", "--batch=2", "--max_len=64", "--prefill_len=32", "--noprobe"],
       capture_output=True, text=True, timeout=300)
   assert tpu.returncode == 0 and tpu.stderr == "", tpu.stderr
   assert json.loads(tpu.stdout)["fits"] is True

@@ -20,14 +20,15 @@ def plans():
   cfg = configs.resolve("tiny").replace(vocab_size=1024, hidden_size=256,
                                         moe_intermediate_size=512, intermediate_size=512)
   return {wd: plan_lib.make_plan(cfg, "v5e:2x2", weights_dtype=wd, batch=4, max_len=256,
-                                 group_size=16)
+                                 group_size=16, probe=False)
           for wd in ("bfloat16", "int8", "int4")}
 
 
 def test_integer_weights_shrink_the_compiled_decode_step(plans):
-  """XLA:TPU's decode arguments differ from the counted weights + cache by the same few
-  bytes (the step's other inputs) for every format: int8 codes take a byte, int4 codes
-  half a byte (packed on TPU), each scale four; and they shrink with the experts."""
+  """XLA:TPU's decode arguments differ from the counted weights + page pool by the same
+  few bytes (the step's other inputs) for every format: int8 codes take a byte, int4 codes
+  half a byte (packed on TPU), each scale four; and they shrink with the experts, leaving
+  more room for context."""
   args = {wd: p["decode"]["compiled"]["argument_bytes"] for wd, p in plans.items()}
   counted = {wd: p["decode"]["counted"]["weights_bytes"] + p["decode"]["counted"]["cache_bytes"]
              for wd, p in plans.items()}
@@ -35,6 +36,8 @@ def test_integer_weights_shrink_the_compiled_decode_step(plans):
   assert len(extra) == 1 and 0 <= extra.pop() < 0.05 * args["int4"], (args, counted)
   assert args["int4"] < args["int8"] < args["bfloat16"]
   assert all(p["fits"] for p in plans.values())
+  context = {wd: p["context_tokens_that_fit"] for wd, p in plans.items()}
+  assert context["int4"] > context["int8"] > context["bfloat16"] > 0
   assert plans["int4"]["group_size"] == 16 and plans["int4"]["dense_dtype"] == "bfloat16"
 
 

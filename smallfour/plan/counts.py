@@ -6,7 +6,13 @@ split from the rule table (`sharding.py`) on a mesh of the given axis sizes. The
 only figures on GPU) and the "unavoidable" bytes a step must read, the denominator of
 `bytes_accessed / unavoidable` and of the bandwidth ceiling.
 
-Names: B sequences, T cache length, S prompt tokens, E experts (K per token).
+The cache is the engine's page pool (`inference/paged.py`): `cache_tokens` tokens in pages
+of `page_size`, plus the sink page, held whole by every device (the rule table replicates
+`pages` and `page`), so its bytes per device do not shrink with the mesh. A step reads its
+sequences' windows out of it, split over the batch axes like the rest of its activations.
+
+Names: B sequences, T tokens a sequence holds (max_len), W a prefill chunk's window,
+C chunk tokens, E experts (K per token).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from flax import nnx
 from smallfour import sharding, summary
 from smallfour.config import TextConfig
 from smallfour.inference.cache import LATENT_AXES, LatentCache
+from smallfour.inference.paged import POOL_AXES, bucket, pool_shape
 
 
 def abstract_mesh(sizes: dict[str, int]) -> jax.sharding.AbstractMesh:
@@ -81,6 +88,35 @@ def cache_bytes(cfg: TextConfig, sizes: dict[str, int], batch: int, length: int,
   return _shard_size(shape, spec, sizes) * itemsize
 
 
+def pool_bytes(cfg: TextConfig, sizes: dict[str, int], num_pages: int, page_size: int,
+               itemsize: int) -> int:
+  """Bytes of the page pool (`num_pages` pages + the sink) one device holds."""
+  shape = pool_shape(cfg, num_pages, page_size)
+  spec = sharding.logical_spec(POOL_AXES, shape, abstract_mesh(sizes))
+  return _shard_size(shape, spec, sizes) * itemsize
+
+
+def cached_token_bytes(cfg: TextConfig, sizes: dict[str, int], itemsize: int) -> int:
+  """Bytes one more cached token costs a device (its latent in every layer): the pool is
+  replicated, so every device pays all of it."""
+  return pool_bytes(cfg, sizes, 0, 1, itemsize)  # no pages, a one-token sink
+
+
+def context_tokens(free_bytes: float, token_bytes: float, page_size: int) -> int:
+  """Cached tokens a pool in `free_bytes` holds: whole pages, one of them the sink."""
+  pages = int(free_bytes // (token_bytes * page_size)) - 1
+  return max(0, pages) * page_size
+
+
+def chunk_tokens(max_num_batched_tokens: int, prefill_len: int, page_size: int
+                 ) -> tuple[int, int]:
+  """(tokens, padded) of the longest prompt chunk the engine runs: a step's budget, or
+  the whole prompt if shorter; padded to its bucket of whole pages (`PagedModel.extend`),
+  the shape that is compiled."""
+  tokens = min(max_num_batched_tokens, prefill_len)
+  return tokens, bucket(tokens, page_size)
+
+
 def local_experts_used(cfg: TextConfig, sizes: dict[str, int], tokens: int) -> float:
   """Expected distinct experts of one device that `tokens` tokens (in all) route to.
 
@@ -98,20 +134,25 @@ def unavoidable_bytes(cfg: TextConfig, weights: WeightBytes, sizes: dict[str, in
   """What one device must move for a step over `tokens` tokens in all.
 
   Every weight it holds except the embedding table, the vision encoder and unused
-  experts, one embedding row per token, the routed experts its share of the tokens use, and `cache` bytes of
-  cache (read by decode over its window, written by prefill).
+  experts, one embedding row per token, the routed experts its share of the tokens use,
+  and `cache` bytes of cache (the windows read, the rows written).
   """
   used = local_experts_used(cfg, sizes, tokens) / (cfg.num_experts // sizes["expert"])
   return (weights.other + tokens * cfg.hidden_size * itemsize + used * weights.routed + cache)
 
 
-def prefill_flops_per_device(cfg: TextConfig, sizes: dict[str, int], tokens: int) -> float:
-  """Matmul FLOPs of one device in a prefill of one `tokens`-long prompt.
+def prefill_flops_per_device(cfg: TextConfig, sizes: dict[str, int], tokens: int,
+                             window: int | None = None) -> float:
+  """Matmul FLOPs of one device in a prefill of the last `tokens` tokens of a
+  `window`-long prompt (default the whole prompt): its projections, attention over every
+  key up to its own position, and the LM head once.
 
   The routed experts' FLOPs are split over expert × tensor; the rest (attention, shared
   and dense MLPs, LM head) only over tensor: one sequence does not split over batch axes.
   """
-  total = summary.prefill_flops(cfg, tokens)
+  window = tokens if window is None else window
+  total = summary.prefill_flops(cfg, window) - summary.prefill_flops(cfg, window - tokens)
+  total += 2 * cfg.hidden_size * cfg.vocab_size if tokens < window else 0
   moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
   routed = 2 * tokens * cfg.num_experts_per_tok * 3 * cfg.hidden_size * (
       cfg.moe_intermediate_size) * moe_layers
@@ -119,24 +160,36 @@ def prefill_flops_per_device(cfg: TextConfig, sizes: dict[str, int], tokens: int
 
 
 def counted(cfg: TextConfig, state: nnx.State, sizes: dict[str, int], *, batch: int,
-            max_len: int, prefill_len: int, itemsize: int) -> dict[str, Any]:
-  """The from-shapes figures of a decode step (B = batch, T = max_len) and a prefill.
+            max_len: int, prefill_len: int, itemsize: int, cache_tokens: int | None = None,
+            page_size: int = 16, max_num_batched_tokens: int = 512) -> dict[str, Any]:
+  """The from-shapes figures of a decode step (B = batch sequences over T = max_len
+  tokens each) and of a prefill chunk (the last chunk of a `prefill_len`-token prompt).
 
-  A step's `weights_bytes` are the weights it takes: all but the vision encoder's, which
-  are held beside them (`vision_bytes`) for the step that encodes images.
+  Both steps take the pool of `cache_tokens` tokens (default B × T) as `cache_bytes`. A
+  step's `weights_bytes` are the weights it takes: all but the vision encoder's, which are
+  held beside them (`vision_bytes`) for the step that encodes images. Unavoidable: decode
+  reads each sequence's T-token window (its share of the batch); a chunk reads its
+  sequence's window (up to `prefill_len`) and writes its own rows.
   """
+  cache_tokens = batch * max_len if cache_tokens is None else cache_tokens
+  num_pages = cache_tokens // page_size
+  chunk, padded = chunk_tokens(max_num_batched_tokens, prefill_len, page_size)
   weights = weight_bytes(state, sizes)
   text = weights.total - weights.vision
-  decode_cache = cache_bytes(cfg, sizes, batch, max_len, itemsize)
-  prefill_cache = cache_bytes(cfg, sizes, 1, max_len, itemsize)
-  written = cache_bytes(cfg, sizes, 1, prefill_len, itemsize, held=False)
+  pool = pool_bytes(cfg, sizes, num_pages, page_size, itemsize)
+  windows = cache_bytes(cfg, sizes, batch, max_len, itemsize, held=False)
+  window = cache_bytes(cfg, sizes, 1, prefill_len, itemsize, held=False)
+  written = cache_bytes(cfg, sizes, 1, chunk, itemsize, held=False)
   return {
       "vision_bytes": weights.vision,
-      "decode": {"weights_bytes": text, "cache_bytes": decode_cache,
+      "pool": {"cache_tokens": cache_tokens, "pages": num_pages, "page_size": page_size,
+               "bytes": pool, "token_bytes": cached_token_bytes(cfg, sizes, itemsize)},
+      "chunk_tokens": chunk, "chunk_padded": padded,
+      "decode": {"weights_bytes": text, "cache_bytes": pool, "window_bytes": windows,
                  "unavoidable_bytes": unavoidable_bytes(cfg, weights, sizes, batch,
-                                                        decode_cache, itemsize)},
-      "prefill": {"weights_bytes": text, "cache_bytes": prefill_cache,
-                  "unavoidable_bytes": unavoidable_bytes(cfg, weights, sizes, prefill_len,
-                                                         written, itemsize),
-                  "flops": prefill_flops_per_device(cfg, sizes, prefill_len)},
+                                                        windows, itemsize)},
+      "prefill": {"weights_bytes": text, "cache_bytes": pool, "window_bytes": window,
+                  "unavoidable_bytes": unavoidable_bytes(cfg, weights, sizes, chunk,
+                                                         window + written, itemsize),
+                  "flops": prefill_flops_per_device(cfg, sizes, chunk, prefill_len)},
   }
