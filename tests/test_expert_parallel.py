@@ -17,6 +17,7 @@ from smallfour.config import formats as config_formats
 from smallfour import sharding
 from smallfour.checkpoint import convert as convert_lib
 from smallfour.inference.engine import Engine
+from smallfour.inference.paged import PagedModel
 from smallfour.nn import expert_parallel, moe, moe_kernels
 from smallfour.nn.decoder import Transformer
 from tests import oracle
@@ -188,7 +189,8 @@ def test_119b_decode_step_lowers_on_an_8_device_mesh():
   mesh = _mesh("data:1,expert:8,tensor:1", cfg)
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16))
   live = len(jax.live_arrays())
-  lowered = Engine(model, max_len=4096, mesh=mesh).lower_step(batch=8)
+  paged = PagedModel(model, num_pages=8 * 4096 // 16, page_size=16, mesh=mesh)
+  lowered = paged.lower_decode(batch=8, window=4096)
   assert len(jax.live_arrays()) == live  # nothing was allocated
   text = lowered.as_text()
   moe_layers = cfg.num_layers - cfg.first_k_dense_replace
