@@ -3,7 +3,7 @@
 import pytest
 
 from smallfour.chat import ChatTokenizer
-from smallfour.inference.batcher import Event
+from smallfour.inference.requests import Event
 from smallfour.inference.sampling import Sampling
 from smallfour.serve import protocol
 from smallfour.serve.completion import Answer
