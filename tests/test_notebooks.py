@@ -7,6 +7,7 @@ cell's traceback. The committed notebooks carry no outputs (`test_committed_stri
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import pathlib
 import re
@@ -54,13 +55,30 @@ def test_committed_stripped(path):
           f"{path.name}: cell {cell.get('id')} has outputs; commit notebooks stripped")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", _notebooks(), ids=lambda p: p.stem)
-def test_notebook_runs(path):
+def _execute(path: pathlib.Path) -> nbformat.NotebookNode:
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                                    resources={"metadata": {"path": str(NOTEBOOKS)}})
   client.execute(env=_kernel_env())  # raises CellExecutionError naming the failing cell
+  return nb
+
+
+@pytest.fixture(scope="module")
+def executed() -> dict[str, concurrent.futures.Future]:
+  """The notebooks started together, each on its own fresh kernel (a process of its own):
+  their imports and compilations overlap on the machine's cores instead of taking turns.
+  Two at a time on a small machine (a kernel holds a GB or two), all on a larger one."""
+  workers = min(len(MIN_PLOTS), max(2, (os.cpu_count() or 1) // 2))
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+  futures = {path.name: pool.submit(_execute, path) for path in _notebooks()}
+  yield futures
+  pool.shutdown(wait=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", _notebooks(), ids=lambda p: p.stem)
+def test_notebook_runs(executed, path):
+  nb = executed[path.name].result()  # re-raises the notebook's CellExecutionError
   plots = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
            if o.get("output_type") in ("display_data", "execute_result")
            and "image/png" in o.get("data", {})]
