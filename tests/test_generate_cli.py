@@ -38,21 +38,23 @@ def converted(tmp_path_factory):
   return tmp / "ckpt", hf
 
 
-@pytest.mark.parametrize("mesh", ["data:1,expert:1,tensor:1", "data:1,expert:4,tensor:2"])
-def test_converted_float32_checkpoint_reproduces_transformers(tmp_path, converted, mesh):
+REPRODUCE_PROMPT = [5, 9, 200, 17, 3, 88]
+MESHES = ["data:1,expert:1,tensor:1", "data:1,expert:4,tensor:2"]
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_converted_float32_checkpoint_reproduces_transformers(runs, converted, mesh):
   """Restored onto one device, or straight into its shards on a mesh (8 CPU devices).
 
   Library INFO logs (orbax's dozen lines per restore) show only with --verbosity."""
-  ckpt, hf = converted
-  prompt = [5, 9, 200, 17, 3, 88]
-  verbose = mesh != "data:1,expert:1,tensor:1"
-  out = _generate(f"--ckpt={ckpt}", "--prompt_ids=" + ",".join(map(str, prompt)),
-                  "--max_new_tokens=30", f"--output_json={tmp_path / 'out.json'}",
-                  f"--mesh={mesh}", *(["--verbosity=0"] if verbose else []))
+  _, hf = converted
+  prompt = REPRODUCE_PROMPT
+  verbose = mesh != MESHES[0]
+  out = runs[f"reproduce {mesh}"]
   assert out.returncode == 0, out.stderr
   info_lines = re.findall(r"^I\d{4} .*$", out.stderr, re.M)
   assert bool(info_lines) == verbose, info_lines
-  got = json.loads((tmp_path / "out.json").read_text())["token_ids"]
+  got = json.loads((runs.tmp / f"reproduce{MESHES.index(mesh)}.json").read_text())["token_ids"]
   with torch.no_grad():
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False,
                       eos_token_id=255, pad_token_id=0)[0, len(prompt):].tolist()
@@ -138,13 +140,19 @@ class Runs(dict):
 
 @pytest.fixture(scope="module")
 def runs(converted, tmp_path_factory) -> Runs:
-  """The dry runs, the tiny preset, each bad flag and the tokenizer errors, all in one
-  interpreter (tests/launch_many.py): one start instead of nineteen."""
+  """The checkpoint reproducing transformers, the dry runs, the tiny preset, each bad flag
+  and the tokenizer errors, all in one interpreter (tests/launch_many.py): one start
+  instead of twenty-one. The quiet restore goes first, as in a fresh process: a case
+  after it could only show fewer library logs, never more."""
   tmp = tmp_path_factory.mktemp("runs")
   (tmp / "bad.json").write_text('{"messages": [{"role": "user", "content": "hi"}, '
                                 '{"role": "tool", "tool_call_id": "x", "content": "1"}]}')
   ckpt, _ = converted
-  cases = {f"dry run {i}": ["--config=tiny", "--dry_run", *flags,
+  cases = {f"reproduce {mesh}": [
+      f"--ckpt={ckpt}", "--prompt_ids=" + ",".join(map(str, REPRODUCE_PROMPT)),
+      "--max_new_tokens=30", f"--output_json={tmp / f'reproduce{i}.json'}", f"--mesh={mesh}",
+      *(["--verbosity=0"] if i else [])] for i, mesh in enumerate(MESHES)}
+  cases |= {f"dry run {i}": ["--config=tiny", "--dry_run", *flags,
                             f"--output_json={tmp / f'dry{i}.json'}"]
            for i, (flags, _) in enumerate(DRY_RUNS)}
   cases["tiny preset"] = [*GOOD, f"--output_json={tmp / 'tiny.json'}"]
