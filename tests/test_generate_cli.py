@@ -92,7 +92,8 @@ def test_readme_command_chats_on_a_fresh_machine(tmp_path):
   assert list((tmp_path / "cache" / "smallfour").glob("tekken_v15_*.json"))
   result = json.loads((tmp_path / "out.json").read_text())
   assert set(result) == {"prompt_ids", "token_ids", "reasoning", "content", "tool_calls",
-                         "finish_reason"}
+                         "finish_reason", "cached_tokens"}
+  assert result["cached_tokens"] == 0  # a fresh engine: no prefix cached yet
   tok = ChatTokenizer.builtin()
   prompt = next(a.split("=", 1)[1] for a in args if a.startswith("--prompt="))
   assert result["prompt_ids"] == tok.encode({"messages": [{"role": "user", "content": prompt}]})
