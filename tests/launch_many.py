@@ -27,15 +27,20 @@ LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch"
 
 
 def run(script: str, argvs: Iterable[Sequence[str]], *, env: dict[str, str] | None = None,
+        environ: dict[str, str] | None = None, python: str | os.PathLike = sys.executable,
+        cwd: str | os.PathLike | None = None,
         timeout: float = 600) -> list[subprocess.CompletedProcess]:
-  """`launch/<script>` run with each argv in turn, in one fresh interpreter."""
+  """`launch/<script>` run with each argv in turn, in one fresh interpreter (`python`, in
+  `cwd`): its environment this one's updated with `env`, or exactly `environ`."""
   argvs = [list(map(str, argv)) for argv in argvs]
+  if environ is None:
+    environ = {**os.environ, **(env or {})}
   with tempfile.TemporaryDirectory() as tmp:
     cases, results = pathlib.Path(tmp, "cases.json"), pathlib.Path(tmp, "results.json")
     cases.write_text(json.dumps(argvs))
-    proc = subprocess.run([sys.executable, __file__, str(LAUNCH / script), str(cases),
+    proc = subprocess.run([str(python), __file__, str(LAUNCH / script), str(cases),
                            str(results)], capture_output=True, text=True, timeout=timeout,
-                          env=None if env is None else {**os.environ, **env})
+                          env=environ, cwd=cwd)
     assert proc.returncode == 0 and results.exists(), proc.stderr[-3000:]
     return [subprocess.CompletedProcess([script, *argv], r["returncode"], r["stdout"],
                                         r["stderr"])

@@ -18,6 +18,8 @@ import zipfile
 
 import pytest
 
+from tests import launch_many
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Source folder -> the package it installs as (configs/ is smallfour.configs, see setup.cfg).
 SOURCES = {"smallfour": "smallfour", "configs": "smallfour/configs"}
@@ -101,13 +103,14 @@ def test_installed_wheel_runs_outside_the_repository(wheel, tmp_path):
       [python, *args], cwd=work, env=env, capture_output=True, text=True, timeout=600)
   imported = run("-c", check)
   assert imported.returncode == 0, imported.stderr[-3000:]
-  for launcher, *flags in (("info.py", "--config=tiny"),
-                           ("generate.py", "--config=tiny", "--prompt_ids=1,2,3",
-                            "--max_new_tokens=2"),
-                           # the built-in tokenizer: written from the installed
-                           # mistral-common's vocabulary, then its chat encoding
-                           ("generate.py", "--config=tiny", "--prompt=Hello there",
-                            "--reasoning_effort=high", "--max_new_tokens=2")):
-    result = run(str(ROOT / "launch" / launcher), *flags)
-    assert result.returncode == 0, f"{launcher} {flags}: {result.stderr[-3000:]}"
+  info = run(str(ROOT / "launch" / "info.py"), "--config=tiny")
+  assert info.returncode == 0, info.stderr[-3000:]
+  # Raw ids, then the built-in tokenizer: written from the installed mistral-common's
+  # vocabulary, then its chat encoding. One interpreter for both (tests/launch_many.py).
+  generate = [["--config=tiny", "--prompt_ids=1,2,3", "--max_new_tokens=2"],
+              ["--config=tiny", "--prompt=Hello there", "--reasoning_effort=high",
+               "--max_new_tokens=2"]]
+  for flags, result in zip(generate, launch_many.run(
+      "generate.py", generate, environ=env, python=python, cwd=work, timeout=600)):
+    assert result.returncode == 0, f"generate.py {flags}: {result.stderr[-3000:]}"
   assert list((tmp_path / "cache" / "smallfour").glob(f"*_mc{mistral_common}_*.json"))
