@@ -3,9 +3,6 @@ from an FP8 release, launch/generate.py restoring onto a (1, 4, 2) mesh, and the
 preset quantized at init; bad flags fail in one line."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
@@ -13,14 +10,8 @@ from smallfour.checkpoint import restore as restore_lib
 from smallfour.inference.engine import Engine
 from tests import checkpoints, launch_many, oracle
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 PROMPT = [1, 5, 7, 9, 11, 3]
 MESH = "--mesh=data:1,expert:4,tensor:2"
-
-
-def _run(script: str, *flags):
-  return subprocess.run([sys.executable, str(REPO / "launch" / script), *flags],
-                        capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -34,51 +25,67 @@ def release(tmp_path_factory):
   return root
 
 
+@pytest.fixture(scope="module")
+def runs(release, tmp_path_factory):
+  """Every launcher run of this file, one interpreter per launcher (tests/launch_many.py):
+  the conversions (two good, one refused), then the generations (the two checkpoints and
+  the preset on a mesh, two refused): two starts instead of seven."""
+  tmp = tmp_path_factory.mktemp("quant_cli_runs")
+  src = f"--src={release / 'native'}"
+  converts = {dtype: [src, f"--dst={tmp / dtype}", f"--dtype={dtype}", "--group_size=16"]
+              for dtype in ("int8", "int4")}
+  converts["bad group"] = [src, f"--dst={tmp / 'x'}", "--dtype=int4", "--group_size=64"]
+  out = dict(zip(converts, launch_many.run("convert.py", converts.values()), strict=True))
+  generates = {f"generate {dtype}": [
+      f"--ckpt={tmp / dtype}", "--prompt_ids=" + ",".join(map(str, PROMPT)),
+      "--max_new_tokens=12", "--dtype=float32", MESH, f"--output_json={tmp / f'{dtype}.json'}"]
+      for dtype in ("int8", "int4")}
+  generates["tiny int4"] = ["--config=tiny", "--prompt_ids=1,5,7", "--max_new_tokens=8",
+                            "--weights_dtype=int4", "--group_size=16", "--dense_dtype=int8",
+                            MESH, f"--output_json={tmp / 'tiny.json'}"]
+  generates["bad preset group"] = ["--config=tiny", "--prompt_ids=1,5,7", "--weights_dtype=int4"]
+  generates["bad checkpoint group"] = [f"--ckpt={tmp / 'int4'}", "--prompt_ids=1,5",
+                                       "--group_size=32"]
+  out |= zip(generates, launch_many.run("generate.py", generates.values()), strict=True)
+  return out, tmp
+
+
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
-def test_convert_then_generate_on_a_mesh(release, tmp_path, dtype):
-  dst = tmp_path / dtype
-  out = _run("convert.py", f"--src={release / 'native'}", f"--dst={dst}", f"--dtype={dtype}",
-             "--group_size=16")
+def test_convert_then_generate_on_a_mesh(runs, dtype):
+  outs, tmp = runs
+  dst = tmp / dtype
+  out = outs[dtype]
   assert out.returncode == 0, out.stderr
   meta = json.loads((dst / "smallfour_config.json").read_text())
   assert meta["param_dtype"] == dtype and meta["quant"]["group_size"] == 16
-  out = _run("generate.py", f"--ckpt={dst}", "--prompt_ids=" + ",".join(map(str, PROMPT)),
-             "--max_new_tokens=12", "--dtype=float32", MESH,
-             f"--output_json={tmp_path / 'out.json'}")
+  out = outs[f"generate {dtype}"]
   assert out.returncode == 0, out.stderr
-  got = json.loads((tmp_path / "out.json").read_text())["token_ids"]
+  got = json.loads((tmp / f"{dtype}.json").read_text())["token_ids"]
   model = restore_lib.restore_model(str(dst), dtype="float32")
   assert got == Engine(model, max_len=32).generate([PROMPT], 12)[0]
 
 
-def test_tiny_preset_int4_on_a_mesh(tmp_path):
+def test_tiny_preset_int4_on_a_mesh(runs):
   """Quantized at init inside the sharded construction. (Not compared with one device:
   the sharded init's random float32 weights differ from the eager ones in the last bit,
   which moves a few codes and the flat logits of a random model.)"""
-  out = _run("generate.py", "--config=tiny", "--prompt_ids=1,5,7", "--max_new_tokens=8",
-             "--weights_dtype=int4", "--group_size=16", "--dense_dtype=int8", MESH,
-             f"--output_json={tmp_path / 'out.json'}")
+  outs, tmp = runs
+  out = outs["tiny int4"]
   assert out.returncode == 0, out.stderr
-  assert len(json.loads((tmp_path / "out.json").read_text())["token_ids"]) == 8
+  assert len(json.loads((tmp / "tiny.json").read_text())["token_ids"]) == 8
 
 
-def test_bad_flags_fail_in_one_line(release, tmp_path):
-  """Each launcher's runs in one interpreter (tests/launch_many.py): two starts, not four."""
-  dst = tmp_path / "int4"
-  bad, good = launch_many.run("convert.py", [
-      [f"--src={release / 'native'}", f"--dst={tmp_path / 'x'}", "--dtype=int4",
-       "--group_size=64"],
-      [f"--src={release / 'native'}", f"--dst={dst}", "--dtype=int4", "--group_size=16"]])
+def test_bad_flags_fail_in_one_line(runs):
+  outs, tmp = runs
+  bad = outs["bad group"]
   assert bad.returncode != 0 and "--group_size=64 does not divide layers.1.ffn.experts." \
       "down_proj's input dim 32" in bad.stderr.strip().splitlines()[-1]
-  assert not (tmp_path / "x").exists()
-  assert good.returncode == 0, good.stderr
-  preset, ckpt = launch_many.run("generate.py", [
-      ["--config=tiny", "--prompt_ids=1,5,7", "--weights_dtype=int4"],
-      [f"--ckpt={dst}", "--prompt_ids=1,5", "--group_size=32"]])
+  assert not (tmp / "x").exists()
+  preset = outs["bad preset group"]
   assert preset.returncode != 0
   assert preset.stderr.strip().splitlines()[-1] == (
       "error: --group_size=128 does not divide hidden_size=64, an input dim of the routed "
       "experts; pick a divisor")
+  ckpt = outs["bad checkpoint group"]
   assert ckpt.returncode != 0 and ckpt.stderr.strip().splitlines()[-1].startswith(
-      f"error: {dst} was quantized with --group_size=16, not 32")
+      f"error: {tmp / 'int4'} was quantized with --group_size=16, not 32")
