@@ -3,10 +3,7 @@ greedy tokens from image files (raw --prompt_ids with [IMG] placeholders), on on
 and on a mesh; bad images and placeholder counts fail clearly."""
 
 import json
-import pathlib
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,13 +14,6 @@ from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImag
 from smallfour.checkpoint import convert as convert_lib
 from smallfour.nn import multimodal
 from tests import checkpoints, launch_many, oracle, vision_oracle
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _generate(*flags):
-  return subprocess.run([sys.executable, str(REPO / "launch" / "generate.py"), *flags],
-                        capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +36,18 @@ def converted(tmp_path_factory):
   return tmp / "ckpt", hf, paths
 
 
-@pytest.mark.parametrize("mesh", ["data:1,expert:1,tensor:1", "data:1,expert:4,tensor:2"])
-def test_images_reproduce_transformers(tmp_path, converted, mesh):
-  ckpt, hf, paths = converted
-  raw = [1, 5, 10, 9, 200, 10, 17, 3]  # each 10 ([IMG]) stands for one --image
-  out = _generate(f"--ckpt={ckpt}", "--prompt_ids=" + ",".join(map(str, raw)),
-                  *(f"--image={p}" for p in paths), "--max_new_tokens=12",
-                  f"--output_json={tmp_path / 'out.json'}", f"--mesh={mesh}")
+MESHES = ["data:1,expert:1,tensor:1", "data:1,expert:4,tensor:2"]
+RAW = [1, 5, 10, 9, 200, 10, 17, 3]  # each 10 ([IMG]) stands for one --image
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_images_reproduce_transformers(runs, converted, mesh):
+  _, hf, paths = converted
+  raw = RAW
+  outs, tmp = runs
+  out = outs[f"reproduce {mesh}"]
   assert out.returncode == 0, out.stderr
-  result = json.loads((tmp_path / "out.json").read_text())
+  result = json.loads((tmp / f"reproduce{MESHES.index(mesh)}.json").read_text())
   processor = PixtralImageProcessorPil(patch_size={"height": 8, "width": 8},
                                        size={"longest_edge": 64})
   batch = processor(images=[Image.open(p) for p in paths], return_tensors="pt")
@@ -86,12 +79,18 @@ BAD_IMAGES = [("{tmp}/junk.png", "junk.png: not a decodable image"),
 
 @pytest.fixture(scope="module")
 def runs(converted, tmp_path_factory):
-  """The refusals and the tiny preset's image chat, in one interpreter
-  (tests/launch_many.py): one start instead of seven."""
+  """The checkpoint reproducing transformers on one device and on a mesh, the refusals
+  and the tiny preset's image chat, in one interpreter (tests/launch_many.py): one start
+  instead of nine."""
   ckpt, _, paths = converted
   tmp = tmp_path_factory.mktemp("vision_cli_runs")
   (tmp / "junk.png").write_bytes(b"not a png")
-  cases = {f"placeholders {i}": [f"--ckpt={ckpt}", *flags, f"--image={paths[0]}",
+  cases = {f"reproduce {mesh}": [
+      f"--ckpt={ckpt}", "--prompt_ids=" + ",".join(map(str, RAW)),
+      *(f"--image={p}" for p in paths), "--max_new_tokens=12",
+      f"--output_json={tmp / f'reproduce{i}.json'}", f"--mesh={mesh}"]
+      for i, mesh in enumerate(MESHES)}
+  cases |= {f"placeholders {i}": [f"--ckpt={ckpt}", *flags, f"--image={paths[0]}",
                                  "--max_new_tokens=2"]
            for i, (flags, _) in enumerate(PLACEHOLDERS)}
   cases.update({f"bad image {i}": [f"--ckpt={ckpt}", "--prompt_ids=1,10",
