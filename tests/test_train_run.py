@@ -95,11 +95,6 @@ def test_a_changed_run_is_not_resumed_and_a_finished_one_exports(tmp_path):
   restore.restore_model(str(tmp_path / "run"))
 
 
-def _cli(*flags):
-  return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *flags],
-                        capture_output=True, text=True, timeout=900)
-
-
 BAD_DATA = [
     (['{"messages": [{"role": "user", "content": "Hi"}, '
       '{"role": "assistant", "content": "Hello"}]}', '{"messages": ['],
@@ -113,31 +108,34 @@ BAD_DATA = [
 
 
 @pytest.fixture(scope="module")
-def bad_data_runs(tmp_path_factory):
-  """launch/train.py on each BAD_DATA file, all in one interpreter (tests/launch_many.py)."""
+def cli_runs(tmp_path_factory):
+  """launch/train.py on each BAD_DATA file, then a good run (LoRA on a mesh), all in one
+  interpreter (tests/launch_many.py); the folder of the good run."""
   cases = []
   for i, (lines, flags, _) in enumerate(BAD_DATA):
     tmp = tmp_path_factory.mktemp(f"bad_data{i}")
     (tmp / "chat.jsonl").write_text("\n".join(lines) + "\n")
     cases.append(["--config=tiny", f"--data={tmp / 'chat.jsonl'}", "--steps=1",
                   f"--out={tmp / 'run'}", *flags])
-  return launch_many.run("train.py", cases, timeout=900)
+  good = tmp_path_factory.mktemp("cli_train")
+  cases.append(["--config=tiny", f"--data={_dataset(good / 'chat.jsonl')}", "--steps=2",
+                "--batch_size=2", "--max_seq_len=32", "--lora_rank=2", f"--out={good / 'run'}",
+                f"--metrics={good / 'm.jsonl'}", "--mesh=data:1,expert:2,tensor:1"])
+  return launch_many.run("train.py", cases, timeout=900), good
 
 
 @pytest.mark.parametrize("i", range(len(BAD_DATA)), ids=["json", "nothing", "tool_call_id"])
-def test_bad_data_fails_in_one_line(bad_data_runs, i):
-  out, message = bad_data_runs[i], BAD_DATA[i][2]
+def test_bad_data_fails_in_one_line(cli_runs, i):
+  out, message = cli_runs[0][i], BAD_DATA[i][2]
   assert out.returncode != 0
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and re.search(message, last), out.stderr
 
 
 @pytest.mark.slow
-def test_cli_trains_and_generate_loads_the_result(tmp_path):
-  data = _dataset(tmp_path / "chat.jsonl")
-  out = _cli("--config=tiny", f"--data={data}", "--steps=2", "--batch_size=2",
-             "--max_seq_len=32", "--lora_rank=2", f"--out={tmp_path / 'run'}",
-             f"--metrics={tmp_path / 'm.jsonl'}", "--mesh=data:1,expert:2,tensor:1")
+def test_cli_trains_and_generate_loads_the_result(cli_runs):
+  outs, tmp_path = cli_runs
+  out = outs[len(BAD_DATA)]
   assert out.returncode == 0, out.stderr
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   assert summary["steps"] == 2
