@@ -1,17 +1,13 @@
 """Parameter counts (spec §1.4) and the info command."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from flax import nnx
 
 from smallfour import configs
 from smallfour import summary
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import launch_many
 
 
 def test_release_counts():
@@ -48,34 +44,44 @@ def test_roofline_denominators_agree_with_the_parameter_count():
   assert (summary.decode_weight_bytes(cfg, 8, 4) < 8 * summary.decode_weight_bytes(cfg, 1, 4))
 
 
-def _info(*flags):
-  return subprocess.run([sys.executable, os.path.join(REPO, "launch", "info.py"), *flags],
-                        capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Every launch/info.py run of this file, in one interpreter (tests/launch_many.py)."""
+  tmp = tmp_path_factory.mktemp("info_cli")
+  (tmp / "config.json").write_text(json.dumps({"model_type": "mistral4"}))
+  cases = {
+      "tiny": ["--config=tiny"],
+      "unknown": ["--config=smol"],
+      "missing field": [f"--config={tmp}"],
+      "pool": ["--config=tiny", "--plan", "--target=h100", "--mesh=data:1,expert:2,tensor:1",
+               "--batch=2", "--max_len=1024", "--cache_tokens=4096", "--page_size=32",
+               "--max_num_batched_tokens=256", "--prefill_len=1000"],
+      "bad page size": ["--config=tiny", "--plan", "--target=h100", "--page_size=24"],
+  }
+  return dict(zip(cases, launch_many.run("info.py", cases.values(), timeout=300),
+                  strict=True))
 
 
-def test_info_cli(tmp_path):
-  out = _info("--config=tiny")
+def test_info_cli(runs):
+  out = runs["tiny"]
   assert out.returncode == 0, out.stderr
   report = json.loads(out.stdout)
   assert report["total_params"] == summary.param_counts(configs.resolve("tiny"))["total_params"]
 
-  bad = _info("--config=smol")
+  bad = runs["unknown"]
   assert bad.returncode != 0
   assert "--config='smol' is neither a preset" in bad.stderr + bad.stdout
 
-  (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral4"}))
-  missing = _info(f"--config={tmp_path}")
+  missing = runs["missing field"]
   assert missing.returncode != 0
   assert "config.json: missing required field" in missing.stderr + missing.stdout
 
 
-def test_info_plan_flags_size_the_pool():
+def test_info_plan_flags_size_the_pool(runs):
   """`--cache_tokens`, `--page_size`, `--max_num_batched_tokens` are the engine's: the plan
   counts that pool (whole on every device) and that prompt chunk, and says how many
   tokens of context fit; sizes the engine would refuse are usage errors."""
-  out = _info("--config=tiny", "--plan", "--target=h100", "--mesh=data:1,expert:2,tensor:1",
-              "--batch=2", "--max_len=1024", "--cache_tokens=4096", "--page_size=32",
-              "--max_num_batched_tokens=256", "--prefill_len=1000")
+  out = runs["pool"]
   assert out.returncode == 0, out.stderr
   plan = json.loads(out.stdout)
   cfg = configs.resolve("tiny")
@@ -90,6 +96,6 @@ def test_info_plan_flags_size_the_pool():
   assert context % 32 == 0 and context > 4096
   assert "page pool of 4,096 tokens" in plan["summary"]
   assert f"context that fits beside the weights: {context:,} tokens" in plan["summary"]
-  bad = _info("--config=tiny", "--plan", "--target=h100", "--page_size=24")
+  bad = runs["bad page size"]
   assert bad.returncode != 0
   assert "page_size must be a power of two" in bad.stderr and "Traceback" not in bad.stderr

@@ -12,6 +12,7 @@ import pytest
 from smallfour import configs, summary
 from smallfour.plan import compiled, hardware, hlo
 from smallfour.plan import report as plan_lib
+from tests import launch_many
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_KEYS = {"compiled", "counted", "bytes_accessed", "flops", "unavoidable_bytes",
@@ -228,25 +229,22 @@ def test_gpu_plan_is_arithmetic():
 
 
 def test_info_cli_plan(tmp_path):
-  out = subprocess.run(
-      [sys.executable, os.path.join(REPO, "launch", "info.py"), "--config=tiny", "--plan",
-       "--target=h200", "--max_len=64", f"--json={tmp_path / 'plan.json'}"],
-      capture_output=True, text=True, timeout=300)
+  """Three runs in one interpreter (tests/launch_many.py), the TPU plan first: its stderr
+  is checked as a fresh process's (jax probes for the absent TPU on the first compile)."""
+  tpu, out, bad = launch_many.run("info.py", [
+      ["--config=tiny", "--plan", "--target=v5e:2x2", "--batch=2", "--max_len=64",
+       "--prefill_len=32", "--noprobe"],
+      ["--config=tiny", "--plan", "--target=h200", "--max_len=64",
+       f"--json={tmp_path / 'plan.json'}"],
+      ["--config=tiny", "--plan", "--target=v9z:1x1"]], timeout=300)
   assert out.returncode == 0, out.stderr
   plan = json.loads((tmp_path / "plan.json").read_text())
   assert plan == json.loads(out.stdout)
   assert {"fits", "hbm_bytes_per_device", "decode", "prefill", "pool",
           "context_tokens_that_fit", "summary"} <= set(plan)
-  bad = subprocess.run(
-      [sys.executable, os.path.join(REPO, "launch", "info.py"), "--config=tiny", "--plan",
-       "--target=v9z:1x1"], capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "neither a GPU" in bad.stderr
   # A TPU plan's output is the JSON alone: jax's INFO line about the absent TPU (it
   # probes on the first compile) is shown only with --verbosity.
-  tpu = subprocess.run(
-      [sys.executable, os.path.join(REPO, "launch", "info.py"), "--config=tiny", "--plan",
-       "--target=v5e:2x2", "--batch=2", "--max_len=64", "--prefill_len=32", "--noprobe"],
-      capture_output=True, text=True, timeout=300)
   assert tpu.returncode == 0 and tpu.stderr == "", tpu.stderr
   assert json.loads(tpu.stdout)["fits"] is True
 
