@@ -22,7 +22,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # activations and the latent cache
     ("batch", ("data", "expert")),
     ("length", None),
-    # the paged latent cache's pages and the tokens in a page: every device holds the pool
+    # the paged latent cache's pages and each page's rows (end to end): every device
+    # holds the pool
     ("pages", None),
     ("page", None),
     ("layers", None),

@@ -1,11 +1,12 @@
 """The paged latent cache on the device, and the compiled passes over it.
 
-The cache is one pool `[L, pages + 1, page, R + Dr]` (the last page is the sink: padding in
-page tables points there, and writes that must not land go there; it is never read as a
-sequence's). Every pass is "new tokens against what is cached": a decode step feeds one
-token per sequence, a prompt chunk feeds up to C tokens of one sequence starting on a page
-boundary; both write their latents into the sequence's pages and attend, absorbed, over the
-first N pages of its page table. Prefill from a non-empty cache is this one primitive:
+The cache is one pool `[L, pages + 1, page · (R + Dr)]`, each page's rows end to end
+(`nn.mla.write_pages` says why). The last page is the sink: padding in page tables points
+there, and writes that must not land go there; it is never read as a sequence's. Every pass
+is "new tokens against what is cached": a decode step feeds one token per sequence, a
+prompt chunk feeds up to C tokens of one sequence starting on a page boundary; both write
+their latents into the sequence's pages and attend over the first N pages of its page
+table (decode absorbed, chunks expanded: `MLA.expands_for`). Prefill from a non-empty cache is this one primitive:
 chunked prefill, prefix caching, multi-turn chats and recompute after preemption.
 
 Shapes are bucketed (C, N, image rows to powers of two), so a handful compile, and no shape
@@ -30,13 +31,21 @@ from smallfour.nn import multimodal
 from smallfour.nn.decoder import Transformer
 
 # Logical axes of the pool, placed by the rule table in smallfour/sharding.py.
-POOL_AXES = ("layers", "pages", "page", "kv_lora_rope")
+POOL_AXES = ("layers", "pages", "page")
 MIN_PATCH_BUCKET = 64
 
 
-def pool_shape(cfg: TextConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
-  """[L, pages + 1 (the sink), page, R + Dr]."""
-  return (cfg.num_layers, num_pages + 1, page_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+# The pool's page count (with the sink) is rounded up to this: XLA:TPU tiles the
+# second-minor axis by 8 rows (16 for bf16, 32 for 8-bit types); off that multiple it
+# lays the pool out with another axis there and copies it whole around every update.
+POOL_PAGE_MULTIPLE = 32
+
+
+def pool_shape(cfg: TextConfig, num_pages: int, page_size: int) -> tuple[int, int, int]:
+  """[L, pages + 1 (the sink, the last), page · (R + Dr)], pages + 1 rounded up to a
+  multiple of POOL_PAGE_MULTIPLE (the pages in between are never used)."""
+  rows = -(-(num_pages + 1) // POOL_PAGE_MULTIPLE) * POOL_PAGE_MULTIPLE
+  return (cfg.num_layers, rows, page_size * (cfg.kv_lora_rank + cfg.qk_rope_head_dim))
 
 
 def forward(model: Transformer, pool: jax.Array, tokens: jax.Array, positions: jax.Array,
@@ -66,7 +75,7 @@ class PagedModel:
     `restore_model(mesh=...)`); None for a single device."""
     self.cfg, self.mesh = model.cfg, mesh
     self.num_pages, self.page_size = num_pages, page_size
-    self.sink = num_pages
+    self.sink = pool_shape(self.cfg, num_pages, page_size)[1] - 1
     self.graphdef, self.state = nnx.split(model)
     abstract = any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(self.state))
     if mesh is not None and not abstract:  # a no-op when already placed by the rule table

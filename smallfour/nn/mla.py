@@ -39,6 +39,10 @@ class MLA(nnx.Module):
     d, h, q, r = cfg.hidden_size, cfg.num_heads, cfg.q_lora_rank, cfg.kv_lora_rank
     dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     self.nope_dim, self.latent_dim = dn, r
+    # Per (query, key) pair the absorbed form multiplies over the latent twice, H(2R + Dr),
+    # the expanded one over the heads' dims, H(Dn + Dr + Dv), once each key is lifted to
+    # the heads at H·R(Dn + Dv), a cost the queries share: expanded wins past this many.
+    self.expand_after = r * (dn + dv) / max(1, (2 * r + dr) - (dn + dr + dv))
     self.softmax_scale = cfg.softmax_scale
     w = lambda shape, axes, fan_in: params.weight(  # noqa: E731
         rngs, shape, axes, fan_in=fan_in, dtype=param_dtype, fp8_scales=0 if fp8 else None)
@@ -105,27 +109,41 @@ class MLA(nnx.Module):
 
   def paged(self, x: jax.Array, pos: PositionEncoding, positions: jax.Array, pool: jax.Array,
             layer: int, page_table: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """New tokens against a paged latent cache: writes their rows, then attends absorbed.
+    """New tokens against a paged latent cache: writes their rows, then attends.
 
     x: [B, S, D] at `positions` [B, S] (consecutive per row); pool: the whole stacked pool
-    [L, P, page, R + Dr], of which this is layer `layer` (updated in place); page_table:
-    [B, N] each row's first N pages, padded with a page never read as a sequence's (the
-    sink), N × page ≥ every position fed. S == 1 (decode) writes one row per sequence; S > 1
-    (a prompt chunk) starts on a page boundary and writes whole pages.
+    [L, P, page · (R + Dr)] (`write_pages`), of which this is layer `layer` (updated in
+    place); page_table: [B, N] each row's first N pages, padded with a page never read as a
+    sequence's (the sink), N × page ≥ every position fed. S == 1 (decode) writes one row per
+    sequence; S > 1 (a prompt chunk) starts on a page boundary and writes whole pages.
+    Decode attends absorbed; a chunk long enough to amortize expanding its window's keys
+    attends expanded (`expands_for`), as prefill does.
     Returns (out [B, S, D], the updated pool).
     """
     q_nope, q_rope = self.queries(x, pos)
     c, k_rope = self.latents(x, pos)
     rows = jnp.concatenate([c, k_rope], axis=-1).astype(pool.dtype)  # [B, S, R + Dr]
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+      # Whole on every device like the pool: rows split over devices (a chunk's tokens
+      # are) would split the pool's pages the same way, a copy of the whole pool each way.
+      rows = jax.lax.with_sharding_constraint(rows, P())
     pool = write_pages(pool, layer, positions[:, 0], page_table, rows)
     b, n = page_table.shape
-    window = jnp.take(pool[layer], page_table, axis=0).reshape(b, n * pool.shape[2], -1)
-    mesh = jax.sharding.get_abstract_mesh()
+    window = jnp.take(pool[layer], page_table, axis=0).reshape(b, -1, rows.shape[-1])
     if not mesh.empty and mesh.size > 1:  # each sequence's attention on the devices of its row
       window = jax.lax.with_sharding_constraint(window, sharding.logical_spec(
           ("batch", "length", "kv_lora_rope"), window.shape, mesh))
     mask = jnp.arange(window.shape[1])[None, None, :] <= positions[:, :, None]  # [B, S, T]
+    if self.expands_for(x.shape[1]):
+      r = self.latent_dim
+      return self.attend_expanded(q_nope, q_rope, window[..., :r], window[..., r:], mask), pool
     return self.attend_absorbed(q_nope, q_rope, window, mask), pool
+
+  def expands_for(self, queries: int) -> bool:
+    """Whether `queries` queries of one sequence attend over a latent window more cheaply
+    expanded than absorbed (`expand_after`)."""
+    return queries > 1 and queries > self.expand_after
 
   def attend_expanded(self, q_nope: jax.Array, q_rope: jax.Array, c: jax.Array,
                       k_rope: jax.Array, mask: jax.Array) -> jax.Array:
@@ -274,27 +292,31 @@ def write_rows(latent: jax.Array, layer: int, write_at: jax.Array, rows: jax.Arr
 def write_pages(pool: jax.Array, layer: int, start: jax.Array, page_table: jax.Array,
                 rows: jax.Array) -> jax.Array:
   """Writes `rows` [B, S, W] of each sequence at positions start[b] .. start[b] + S - 1 of
-  layer `layer` of `pool` [L, P, page, W], through `page_table` [B, N], in place.
+  layer `layer` of `pool` [L, P, page · W], through `page_table` [B, N], in place.
 
+  A page's rows lie end to end in one row of the pool: W (R + Dr = 320 in the release) is
+  not a multiple of TPU's 128 lanes, so [.., page, W] would be padded to 384 and XLA:TPU
+  would rather lay the pool out with pages minor, then copy it whole between that layout
+  and the updates' around every layer; page · W is lane-dense for any even page size.
   One `dynamic_update_slice` per sequence (S == 1) or per page (S a multiple of the page
   size, `start` on a page boundary), without bounds checks, for the reason `write_rows`
   gives: XLA:TPU copies a cache updated by a scatter into a layout of its own and back.
   The last page of the pool is the sink: pages of padding past the table's end go there.
   """
-  page, sink = pool.shape[2], pool.shape[1] - 1
   b, s, w = rows.shape
+  page, sink = pool.shape[2] // w, pool.shape[1] - 1
   for i in range(b):
     first = start[i] // page
     if s == 1:
-      at = (layer, page_table[i, first], start[i] % page, 0)
-      pool = jax.lax.dynamic_update_slice(pool, rows[i].reshape(1, 1, 1, w), at)
+      at = (layer, page_table[i, first], start[i] % page * w)
+      pool = jax.lax.dynamic_update_slice(pool, rows[i].reshape(1, 1, w), at)
       continue
     for j in range(s // page):  # padding pages past the table's end go to the sink
       index = first + j
       target = jnp.where(index < page_table.shape[1],
                          page_table[i, jnp.minimum(index, page_table.shape[1] - 1)], sink)
-      block = rows[i, j * page:(j + 1) * page].reshape(1, 1, page, w)
-      pool = jax.lax.dynamic_update_slice(pool, block, (layer, target, 0, 0))
+      block = rows[i, j * page:(j + 1) * page].reshape(1, 1, page * w)
+      pool = jax.lax.dynamic_update_slice(pool, block, (layer, target, 0))
   return pool
 
 
