@@ -86,12 +86,12 @@ def test_info_plan_flags_size_the_pool(runs):
   plan = json.loads(out.stdout)
   cfg = configs.resolve("tiny")
   token = 2 * cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-  assert plan["pool"] == {"pages": 128, "tokens": 4096, "bytes": token * (4096 + 32),
+  assert plan["pool"] == {"pages": 128, "tokens": 4096, "bytes": token * 32 * 160,
                           "bytes_per_token": token, "replicated": True}
   assert (plan["cache_tokens"], plan["page_size"], plan["max_num_batched_tokens"]) == (
       4096, 32, 256)
   assert plan["prefill_chunk_tokens"] == 256 and plan["decode"]["counted"]["cache_bytes"] \
-      == plan["prefill"]["counted"]["cache_bytes"] == token * (4096 + 32)
+      == plan["prefill"]["counted"]["cache_bytes"] == token * 32 * 160  # 129 pages -> 160
   context = plan["context_tokens_that_fit"]
   assert context % 32 == 0 and context > 4096
   assert "page pool of 4,096 tokens" in plan["summary"]

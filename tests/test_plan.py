@@ -28,6 +28,11 @@ def vision_params(cfg) -> int:
   return sum(v.size for path, v in summary.abstract_flat(cfg).items() if path[0] == "vision")
 
 
+def pool_rows(pages):
+  """The pool's pages: + the sink, rounded up to whole TPU tiles (paged.pool_shape)."""
+  return -(-(pages + 1) // 32) * 32
+
+
 def expected_counts(cfg, experts_axis, batch, max_len, weight_bytes=2, cache_tokens=None,
                     page_size=16):
   """Per-device weights, page pool and decode unavoidable bytes with every device on the
@@ -38,7 +43,7 @@ def expected_counts(cfg, experts_axis, batch, max_len, weight_bytes=2, cache_tok
   weights = weight_bytes * (text - routed + routed // experts_axis)
   token = 2 * cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # all layers
   pages = (cache_tokens or batch * max_len) // page_size
-  pool = token * (pages + 1) * page_size  # + the sink page; whole on every device
+  pool = token * pool_rows(pages) * page_size  # whole on every device
   window = token * batch * max_len // experts_axis  # each device reads its sequences'
   local = cfg.num_experts // experts_axis
   used = local * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** batch)
@@ -59,7 +64,8 @@ def test_tpu_plan_compiles_and_agrees_with_shapes(tmp_path):
   assert plan["prefill_chunk_tokens"] == 64  # the whole (short) prompt is one chunk
   weights, pool, window, unavoidable = expected_counts(cfg, 4, batch, max_len)
   assert plan["pool"] == {"pages": batch * max_len // 16, "tokens": batch * max_len,
-                          "bytes": pool, "bytes_per_token": pool // (batch * max_len + 16),
+                          "bytes": pool, "bytes_per_token": 2 * cfg.num_layers * (
+                              cfg.kv_lora_rank + cfg.qk_rope_head_dim),
                           "replicated": True}
   decode, prefill = plan["decode"], plan["prefill"]
   assert STEP_KEYS <= set(decode) and STEP_KEYS <= set(prefill)
@@ -214,12 +220,12 @@ def test_gpu_plan_is_arithmetic():
   # On paper the pool is all that grows: whole pages of what the weights leave, less the sink.
   token = huge["pool"]["bytes_per_token"]
   free = hbm - weights - huge["vision_weights_bytes"]
-  assert huge["context_tokens_that_fit"] == (int(free // (16 * token)) - 1) * 16
+  assert huge["context_tokens_that_fit"] == (int(free // (16 * token)) // 32 * 32 - 1) * 16
   # The pool is whole on every device: more GPUs hold more weights' room, not more pool.
   two = plan_lib.make_plan(cfg, "h100", mesh={"data": 1, "expert": 2, "tensor": 1},
                            batch=1, max_len=2**30, cache_tokens=2**20, page_size=64,
                            max_num_batched_tokens=256)
-  assert two["pool"] == {"pages": 2**14, "tokens": 2**20, "bytes": token * (2**20 + 64),
+  assert two["pool"] == {"pages": 2**14, "tokens": 2**20, "bytes": token * 64 * pool_rows(2**14),
                          "bytes_per_token": token, "replicated": True}
   assert two["prefill_chunk_tokens"] == 256
   with pytest.raises(plan_lib.SizeError, match="power of two"):

@@ -29,7 +29,7 @@ from flax import nnx
 from smallfour import sharding, summary
 from smallfour.config import TextConfig
 from smallfour.inference.cache import LATENT_AXES, LatentCache
-from smallfour.inference.paged import POOL_AXES, bucket, pool_shape
+from smallfour.inference.paged import POOL_AXES, POOL_PAGE_MULTIPLE, bucket, pool_shape
 
 
 def abstract_mesh(sizes: dict[str, int]) -> jax.sharding.AbstractMesh:
@@ -99,13 +99,16 @@ def pool_bytes(cfg: TextConfig, sizes: dict[str, int], num_pages: int, page_size
 def cached_token_bytes(cfg: TextConfig, sizes: dict[str, int], itemsize: int) -> int:
   """Bytes one more cached token costs a device (its latent in every layer): the pool is
   replicated, so every device pays all of it."""
-  return pool_bytes(cfg, sizes, 0, 1, itemsize)  # no pages, a one-token sink
+  shape = (cfg.num_layers, 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+  spec = sharding.logical_spec(POOL_AXES, shape, abstract_mesh(sizes))
+  return _shard_size(shape, spec, sizes) * itemsize
 
 
 def context_tokens(free_bytes: float, token_bytes: float, page_size: int) -> int:
-  """Cached tokens a pool in `free_bytes` holds: whole pages, one of them the sink."""
-  pages = int(free_bytes // (token_bytes * page_size)) - 1
-  return max(0, pages) * page_size
+  """Cached tokens a pool in `free_bytes` holds: whole pages, after the sink and the
+  padding to whole tiles (`paged.pool_shape`)."""
+  rows = int(free_bytes // (token_bytes * page_size)) // POOL_PAGE_MULTIPLE * POOL_PAGE_MULTIPLE
+  return max(0, rows - 1) * page_size
 
 
 def chunk_tokens(max_num_batched_tokens: int, prefill_len: int, page_size: int
