@@ -236,7 +236,7 @@ class Engine:
     shapes = []
     keys = np.zeros((self.max_batch, 2), np.uint32)
     zeros = np.zeros(self.max_batch, np.int32)
-    rows = jax.tree.map(self.paged._put, self._rows)
+    rows, = self.paged.put(self._rows)
     for n in windows:
       table = np.full((self.max_batch, n), self.paged.sink, np.int32)
       self._pool, *_ = self.paged.decode(self._pool, zeros, zeros, table, keys, rows)
@@ -323,7 +323,7 @@ class Engine:
       tokens[s.slot], positions[s.slot], keys[s.slot] = s.tokens[-1], s.computed, s.key
       table[s.slot, :len(s.pages)] = s.pages
     if self._placed_rows is None:
-      self._placed_rows = jax.tree.map(self.paged._put, self._rows)
+      self._placed_rows, = self.paged.put(self._rows)
     self._pool, drawn, keys = self.paged.decode(self._pool, tokens, positions, table, keys,
                                                 self._placed_rows)
     drawn, keys = np.asarray(drawn), np.asarray(keys)

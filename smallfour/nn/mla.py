@@ -129,8 +129,13 @@ class MLA(nnx.Module):
       # are) would split the pool's pages the same way, a copy of the whole pool each way.
       rows = jax.lax.with_sharding_constraint(rows, P())
     pool = write_pages(pool, layer, positions[:, 0], page_table, rows)
+    if not mesh.empty and mesh.size > 1:  # each device gathers the windows of its rows only
+      page_table = jax.lax.with_sharding_constraint(page_table, sharding.logical_spec(
+          ("batch", "pages"), page_table.shape, mesh))
     b, n = page_table.shape
-    window = jnp.take(pool[layer], page_table, axis=0).reshape(b, -1, rows.shape[-1])
+    # Tables hold pool pages only (padding is the sink): no bounds masks.
+    window = pool[layer].at[page_table].get(mode="promise_in_bounds")
+    window = window.reshape(b, -1, rows.shape[-1])
     if not mesh.empty and mesh.size > 1:  # each sequence's attention on the devices of its row
       window = jax.lax.with_sharding_constraint(window, sharding.logical_spec(
           ("batch", "length", "kv_lora_rope"), window.shape, mesh))
