@@ -1,28 +1,54 @@
-"""Decode and prefill speed: smallfour's Engine next to transformers' generate, one run.
+"""Decode and prefill speed: the paged Engine next to the contiguous latent cache and
+transformers' generate, one run.
 
   python benchmarks/decode.py --json=decode.json
 
 Bench config (issue #5): hidden 1024, 8 layers, 16 heads, q_lora 384, kv_lora 128,
 rope 32, nope 32, v 64, 64 experts top-4 + 1 shared, expert width 256, vocab 32000,
-float32; the same random weights are loaded into both. Measured:
-  * decode tokens/s at batch 1 and 8 (64-token prompts, 64 new tokens, greedy), as
-    63 / (time(64 new) - time(1 new)), so prefill is excluded on both sides;
-  * prefill time of a 1024-token prompt (compiled; compile time reported apart). Both
-    sides compute what a generation needs: the cache and the last position's logits
+float32; the same random weights are loaded into every side. Measured:
+  * decode tokens/s at batch B = 1 and 8 (64-token prompts, 64 new tokens, greedy) of
+    - `paged`: the Engine (paged latent cache and scheduler, `max_batch` = B, pages of 16,
+      no prefix caching): `Engine.run` written out (submit, then `step()` until done), as
+      B·63 / (time(64 new) - time(1 new)), so prefill cancels;
+    - `paged_step`: the bare `PagedModel.decode` step of that Engine, 63 steps in a loop
+      over prefilled pages, each step's tokens read back and fed in from the host as the
+      Engine does, nothing scheduled: `paged / paged_step` is the host's scheduling share;
+    - `contiguous`, the baseline: the cache the old Engine kept (`LatentCache`, one
+      sequence per row): each prompt prefilled (`forward.prefill`, bucketed, attention
+      chunk 256) and inserted, then one jitted `forward.decode_step` + greedy pick per
+      token, the cache donated, the window the bucketed prompt + new tokens (128: the
+      paged step's window too), each step's tokens read back; timed like `paged`.
+      `paged / contiguous` is what paging costs decode (issue 23: within 5%);
+    - `contiguous_loop`: the same steps under one `jax.lax.while_loop`, as the old
+      `Engine.generate` ran them (the figures before the paged engine);
+    - `paged_8_slots` (B=1 only): one request on an Engine of 8 slots, whose every step
+      computes 8 rows (the idle ones feed a dummy token, routed like any);
+    - `transformers`: `generate`, timed like `paged`.
+    The step-by-step sides also time each decode step (the Engine's steps once every
+    prompt has its first token): the ratio of median steps is a second estimate of
+    paged ÷ contiguous, steadier on a loaded machine than the totals' best;
+  * prefill of a 1024-token prompt (compiled; compile time reported apart): contiguous
+    (`forward.prefill`, as the old `Engine.prefill`), the paged Engine's first token
+    (`generate(prompt, 1)`: two chunks of max_num_batched_tokens=512), the bare
+    `PagedModel.extend` of all 1024 tokens in one call, and transformers. Every side
+    computes what a generation needs: the cache and the last position's logits
     (transformers' forward with `logits_to_keep=1`, as its `generate` does); its forward
     with all 1024 positions' logits is reported too, as `transformers_all_logits_s`;
   * rooflines on this machine: the decode steps' weight bytes (`summary.
-    decode_weight_bytes`) ÷ step time ÷ the measured read bandwidth (jit'd sum of
-    512 MiB), and the prefill's matmul FLOPs (`summary.prefill_flops`) ÷ time ÷ the
-    measured float32 matmul rate (the best of a few large jit'd GEMMs). `bounds` turns
-    them into the best tokens/s and prefill time the machine allows, and so the largest
-    ratio to transformers any implementation could reach here.
-Every time is the best of --repeats calls, the two sides interleaved (`_best_seconds`).
+    decode_weight_bytes`, for B sequences) ÷ step time ÷ the measured read bandwidth
+    (jit'd sum of 512 MiB), and the prefill's matmul FLOPs (`summary.prefill_flops`) ÷
+    time ÷ the measured float32 matmul rate (the best of a few large jit'd GEMMs). Both
+    probes run in every round of the timings they scale, so they see the same machine.
+    `bounds` turns them into the best tokens/s and prefill time the machine allows, and
+    so the largest ratio to transformers any implementation could reach here.
+Every time is the best of --repeats calls, all sides interleaved (`_best_seconds`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from typing import Callable
 
@@ -38,7 +64,13 @@ from smallfour import config as config_lib
 from smallfour.config import formats as config_formats
 from smallfour import summary
 from smallfour.checkpoint import assemble, keymap
+from smallfour.inference import cache as cache_lib
+from smallfour.inference import forward
+from smallfour.inference.cache import LatentCache
 from smallfour.inference.engine import Engine
+from smallfour.inference.paged import bucket
+from smallfour.inference.requests import GREEDY, Request
+from smallfour.inference.sampling import SamplingRows, sample
 from smallfour.nn import moe_kernels
 from smallfour.nn.decoder import Transformer
 
@@ -101,64 +133,264 @@ def _best_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[st
   return {name: min(t) for name, t in times.items()}
 
 
-def decode_tok_s(hf, engine: Engine, prompts: np.ndarray, repeats: int) -> dict[str, float]:
-  """Decode tokens/s of both sides as B·63 / (time(64 new) - time(1 new)): prefill cancels."""
-  ids, batch = torch.as_tensor(prompts), [list(p) for p in prompts]
+class Contiguous:
+  """The contiguous latent cache as the old `Engine` ran it (`git show 3163c9b~1:smallfour/
+  inference/engine.py`): a [L, B, max_len + 1, R + Dr] cache, prompts prefilled one by one
+  (padded to a power-of-two bucket, attention chunk 256) and inserted into their rows, then
+  one compiled decode step per token, greedy, the cache donated, attending over a window of
+  the bucketed longest prompt + new tokens; or those steps under one `while_loop`."""
+
+  def __init__(self, model: Transformer, *, max_len: int, chunk: int = 256):
+    self.cfg, self.max_len, self.chunk = model.cfg, max_len, chunk
+    self.graphdef, self.state = nnx.split(model)
+    self.dtype = model.embedder.get_value().dtype
+    self._prefill = jax.jit(self._prefill_impl, static_argnames=("chunk",))
+    self._zeros = jax.jit(lambda batch: LatentCache.zeros(self.cfg, batch, max_len, self.dtype),
+                          static_argnums=0)
+    self._insert = jax.jit(cache_lib.insert, donate_argnums=0)
+    self._first = jax.jit(lambda logits: sample(logits, None, GREEDY))
+    self._step = jax.jit(self._step_impl, static_argnames=("window",), donate_argnums=1)
+    self._loop = jax.jit(self._loop_impl, static_argnames=("steps", "window"),
+                         donate_argnums=1)
+
+  def bucket(self, n: int) -> int:
+    return min(max(16, 1 << (n - 1).bit_length()), self.max_len)
+
+  def prefill(self, prompt) -> tuple[jax.Array, LatentCache]:
+    s = self.bucket(len(prompt))
+    tokens = np.zeros((1, s), np.int32)
+    tokens[0, :len(prompt)] = prompt
+    chunk = self.chunk if s % self.chunk == 0 else s
+    return self._prefill(self.state, jnp.asarray(tokens),
+                         jnp.asarray([len(prompt)], np.int32), chunk=chunk)
+
+  def generate(self, prompts: np.ndarray, new: int, loop: bool = False,
+               steps: list[float] | None = None) -> np.ndarray:
+    """`new` greedy tokens per prompt -> [B, new]; `steps` gets each decode step's seconds
+    (not under the loop)."""
+    cache, logits = self._zeros(len(prompts)), []
+    for slot, prompt in enumerate(prompts):
+      row_logits, one = self.prefill(prompt)
+      cache = self._insert(cache, one, slot)
+      logits.append(row_logits)
+    tokens = self._first(jnp.concatenate(logits))
+    out = [np.asarray(tokens)]
+    window = self.bucket(max(map(len, prompts)) + new)
+    if loop and new > 1:
+      rest, cache = self._loop(self.state, cache, tokens, steps=new - 1, window=window)
+      out.extend(np.asarray(rest))
+    elif not loop:
+      for _ in range(new - 1):
+        start = time.perf_counter()
+        tokens, cache = self._step(self.state, cache, tokens, window=window)
+        out.append(np.asarray(tokens))
+        if steps is not None:
+          steps.append(time.perf_counter() - start)
+    return np.stack(out, axis=1)
+
+  def _prefill_impl(self, state, tokens, lengths, *, chunk):
+    return forward.prefill(nnx.merge(self.graphdef, state), tokens, lengths, self.max_len,
+                           chunk)
+
+  def _step_impl(self, state, cache, tokens, *, window):
+    active = jnp.ones(tokens.shape, bool)
+    logits, cache = forward.decode_step(nnx.merge(self.graphdef, state), tokens, cache,
+                                        active, window)
+    return sample(logits, None, GREEDY), cache
+
+  def _loop_impl(self, state, cache, tokens, *, steps, window):
+    def body(i, carry):
+      cache, tokens, out = carry
+      tokens, cache = self._step_impl(state, cache, tokens, window=window)
+      return cache, tokens, out.at[i].set(tokens)
+
+    out = jnp.zeros((steps, tokens.shape[0]), jnp.int32)
+    cache, _, out = jax.lax.fori_loop(0, steps, body, (cache, tokens, out))
+    return out, cache
+
+
+def paged_generate(engine: Engine, prompts: np.ndarray, new: int,
+                   steps: list[float] | None = None) -> list[list[int]]:
+  """`Engine.run` of greedy requests, written out (submit each, then `step()` until none
+  is left) so that `steps` gets the seconds of each step after every prompt has its first
+  token: the steps that only decode."""
+  got = [[] for _ in prompts]
+  for i, prompt in enumerate(prompts):
+    engine.submit(Request(tuple(int(t) for t in prompt), new),
+                  lambda event, i=i: event.token is not None and got[i].append(event.token))
+  while True:
+    decoding = all(got)
+    start = time.perf_counter()
+    if not engine.step():
+      return got
+    if steps is not None and decoding:
+      steps.append(time.perf_counter() - start)
+
+
+def paged_steps(engine: Engine, prompts: np.ndarray, steps: int
+                ) -> Callable[[list[float] | None], None]:
+  """The bare decode step of `engine`'s PagedModel: the prompts prefilled into pages of a
+  pool of its own, then a function running `steps` decode steps from there (each step's
+  tokens read back and fed in, positions advanced on the host; the page table built once,
+  as wide as the Engine's for these lengths)."""
+  pm, p, b = engine.paged, engine.page_size, engine.max_batch
+  width = bucket(-(-(PROMPT + NEW) // p))
+  table = np.full((b, width), pm.sink, np.int32)
+  table[:len(prompts)] = np.arange(len(prompts) * width, dtype=np.int32).reshape(-1, width)
+  keys = np.zeros((b, 2), np.uint32)
+  pool, first = pm.zeros(), np.zeros(b, np.int32)
+  for i, prompt in enumerate(prompts):
+    pool, drawn, _ = pm.extend(pool, np.asarray(prompt, np.int32), 0,
+                               table[i, :-(-len(prompt) // p)], keys[i],
+                               SamplingRows.of([GREEDY]))
+    first[i] = int(np.asarray(drawn)[0])
+  rows = jax.tree.map(jnp.asarray, SamplingRows.of([GREEDY] * b))
+  held = [pool]
+
+  def run(times: list[float] | None = None):
+    tokens, positions = first.copy(), np.zeros(b, np.int32)
+    positions[:len(prompts)] = PROMPT
+    for _ in range(steps):
+      start = time.perf_counter()
+      held[0], drawn, _ = pm.decode(held[0], tokens, positions, table, keys, rows)
+      tokens = np.asarray(drawn)
+      positions[:len(prompts)] += 1
+      if times is not None:
+        times.append(time.perf_counter() - start)
+  run()  # compiled (the Engine's step, already) and warm
+  return run
+
+
+def _progress(message: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def decode_tok_s(hf, engine: Engine, contiguous: Contiguous, prompts: np.ndarray,
+                 repeats: int, read: Callable[[], object],
+                 slots_engine: Engine | None = None) -> dict[str, float]:
+  """Decode tokens/s of every side (see the module docstring): B·63 / (time(64 new) -
+  time(1 new)), prefill cancelling, or 63 bare steps; and each side's decode steps' times.
+  `read` (the bandwidth probe) runs in every round too, so the roofline sees this machine
+  as the sides do."""
+  ids = torch.as_tensor(prompts)
 
   def hf_run(n):
     with torch.no_grad():
       hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-  start = time.perf_counter()
-  engine.generate(batch, NEW)  # compiles prefill, insert, first-token and the loop
-  compile_s = time.perf_counter() - start
-  engine.generate(batch, 1)
+  compile_s = {}
+  for name, fn in (("paged", lambda: paged_generate(engine, prompts, NEW)),
+                   ("contiguous", lambda: contiguous.generate(prompts, NEW)),
+                   ("contiguous_loop", lambda: contiguous.generate(prompts, NEW, loop=True))):
+    start = time.perf_counter()
+    fn()  # compiles prefill (or prompt chunks), insert, first token and the step / loop
+    compile_s[name] = time.perf_counter() - start
+    _progress(f"B={len(prompts)} {name} compiled and run in {compile_s[name]:.1f} s")
+  paged_generate(engine, prompts, 1)
+  contiguous.generate(prompts, 1)
+  same = np.array_equal(np.asarray(paged_generate(engine, prompts, NEW)),
+                        contiguous.generate(prompts, NEW))
+  bare = paged_steps(engine, prompts, NEW - 1)
   hf_run(2)  # warm-up
-  t = _best_seconds({"ours_new": lambda: engine.generate(batch, NEW),
-                     "ours_one": lambda: engine.generate(batch, 1),
-                     "hf_new": lambda: hf_run(NEW), "hf_one": lambda: hf_run(1)}, repeats)
-  tokens = prompts.shape[0] * (NEW - 1)
-  return {"smallfour_tok_s": tokens / (t["ours_new"] - t["ours_one"]),
-          "transformers_tok_s": tokens / (t["hf_new"] - t["hf_one"]),
-          "smallfour_compile_s": compile_s}
+  steps = {"paged": [], "paged_step": [], "contiguous": [], "paged_8_slots": []}
+  fns = {"paged_new": lambda: paged_generate(engine, prompts, NEW, steps["paged"]),
+         "paged_one": lambda: paged_generate(engine, prompts, 1),
+         "paged_step": lambda: bare(steps["paged_step"]),
+         "contiguous_new": lambda: contiguous.generate(prompts, NEW,
+                                                      steps=steps["contiguous"]),
+         "contiguous_one": lambda: contiguous.generate(prompts, 1),
+         "contiguous_loop_new": lambda: contiguous.generate(prompts, NEW, loop=True),
+         "contiguous_loop_one": lambda: contiguous.generate(prompts, 1, loop=True),
+         "hf_new": lambda: hf_run(NEW), "hf_one": lambda: hf_run(1), "read": read}
+  if slots_engine is not None:
+    paged_generate(slots_engine, prompts, NEW)
+    fns["slots_new"] = lambda: paged_generate(slots_engine, prompts, NEW,
+                                              steps["paged_8_slots"])
+    fns["slots_one"] = lambda: paged_generate(slots_engine, prompts, 1)
+  _progress(f"B={len(prompts)} timing {len(fns)} calls × {repeats}")
+  t = _best_seconds(fns, repeats)
+  b = prompts.shape[0]
+  tokens = b * (NEW - 1)
+  out = {"paged_tok_s": tokens / (t["paged_new"] - t["paged_one"]),
+         "paged_step_tok_s": tokens / t["paged_step"],
+         "contiguous_tok_s": tokens / (t["contiguous_new"] - t["contiguous_one"]),
+         "contiguous_loop_tok_s": tokens / (t["contiguous_loop_new"]
+                                            - t["contiguous_loop_one"]),
+         "transformers_tok_s": tokens / (t["hf_new"] - t["hf_one"]),
+         "read_s": t["read"], "paged_equals_contiguous": bool(same),
+         **{f"{k}_compile_s": v for k, v in compile_s.items()}}
+  if slots_engine is not None:
+    out["paged_8_slots_tok_s"] = tokens / (t["slots_new"] - t["slots_one"])
+  for side, times in steps.items():
+    if times:
+      out[f"{side}_step_ms_p10_p50"] = [float(np.percentile(times, q)) * 1e3 for q in (10, 50)]
+      out[f"{side}_median_step_tok_s"] = b / float(np.median(times))
+  return out
 
 
-def prefill_seconds(hf, engine: Engine, repeats: int) -> dict[str, float]:
-  prompt = np.random.default_rng(1).integers(2, 32000, LONG)
+def prefill_seconds(hf, engine: Engine, contiguous: Contiguous, repeats: int
+                    ) -> dict[str, float]:
+  """The 1024-token prefill of every side; the matmul-rate probes run in every round."""
+  gemms, gemm_flops = {}, {}
+  for m, k, n in GEMMS:
+    a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+    product = jax.jit(jnp.matmul)
+    product(a, b).block_until_ready()
+    gemms[f"gemm_{m}_{k}_{n}"] = lambda p=product, a=a, b=b: p(a, b).block_until_ready()
+    gemm_flops[f"gemm_{m}_{k}_{n}"] = 2 * m * k * n
+  prompt = np.random.default_rng(1).integers(2, engine.cfg.vocab_size, LONG)
   ids = torch.as_tensor(prompt[None])
+  pm = engine.paged
+  table = np.arange(LONG // engine.page_size, dtype=np.int32)
+  held = [pm.zeros()]
 
   def hf_run(logits_to_keep: int):
     with torch.no_grad():
       hf(ids, use_cache=True, logits_to_keep=logits_to_keep)
 
+  def extend():
+    held[0], drawn, _ = pm.extend(held[0], prompt.astype(np.int32), 0, table,
+                                  np.zeros(2, np.uint32), SamplingRows.of([GREEDY]))
+    np.asarray(drawn)
+
   hf_run(1)
-  start = time.perf_counter()
-  jax.block_until_ready(engine.prefill(list(prompt)))
-  compile_s = time.perf_counter() - start
-  t = _best_seconds({"ours": lambda: jax.block_until_ready(engine.prefill(list(prompt))),
-                     "hf": lambda: hf_run(1), "hf_all": lambda: hf_run(0)}, repeats)
-  return {"smallfour_s": t["ours"], "transformers_s": t["hf"],
-          "transformers_all_logits_s": t["hf_all"], "smallfour_compile_s": compile_s}
+  compile_s = {}
+  for name, fn in (("contiguous", lambda: jax.block_until_ready(contiguous.prefill(prompt))),
+                   ("paged", lambda: paged_generate(engine, prompt[None], 1)),
+                   ("paged_extend", extend)):
+    start = time.perf_counter()
+    fn()
+    compile_s[f"{name}_compile_s"] = time.perf_counter() - start
+  _progress("prefill compiled; timing")
+  t = _best_seconds({"contiguous": lambda: jax.block_until_ready(contiguous.prefill(prompt)),
+                     "paged": lambda: paged_generate(engine, prompt[None], 1),
+                     "paged_extend": extend, "hf": lambda: hf_run(1),
+                     "hf_all": lambda: hf_run(0), **gemms}, repeats)
+  return {"contiguous_s": t["contiguous"], "paged_s": t["paged"],
+          "matmul_flop_s": max(flops / t[name] for name, flops in gemm_flops.items()),
+          "paged_extend_s": t["paged_extend"], "transformers_s": t["hf"],
+          "transformers_all_logits_s": t["hf_all"], **compile_s}
 
 
-def read_bandwidth() -> float:
-  """Bytes/s of a jit'd float32 reduction over 512 MiB: the decode roofline's memory side."""
+GEMMS = ((1024, 1024, 4096), (2048, 1024, 1024), (1024, 4096, 1024))
+
+
+def read_probe() -> tuple[Callable[[], object], int]:
+  """A jit'd float32 reduction over 512 MiB and its bytes: the decode roofline's memory
+  side (bytes ÷ its fastest time)."""
   x = jnp.ones((128, 1024, 1024), jnp.float32)
   total = jax.jit(jnp.sum)
   total(x).block_until_ready()
-  return x.nbytes / _best_seconds({"sum": lambda: total(x).block_until_ready()}, 5)["sum"]
+  return lambda: total(x).block_until_ready(), x.nbytes
 
 
-def matmul_rate() -> float:
-  """FLOP/s of the fastest of a few large jit'd float32 GEMMs: the prefill roofline."""
-  best = 0.0
-  for m, k, n in ((1024, 1024, 4096), (2048, 1024, 1024), (1024, 4096, 1024)):
-    a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
-    product = jax.jit(jnp.matmul)
-    product(a, b).block_until_ready()
-    seconds = _best_seconds({"gemm": lambda: product(a, b).block_until_ready()}, 5)["gemm"]
-    best = max(best, 2 * m * k * n / seconds)
-  return best
+DECODE_SIDES = (("contiguous", "contiguous (step per token)"),
+                ("contiguous_loop", "contiguous (while_loop)"),
+                ("paged", "paged Engine"), ("paged_step", "paged step (bare)"),
+                ("paged_8_slots", "paged Engine, 8 slots"),
+                ("transformers", "transformers"))
+PREFILL_SIDES = (("contiguous", "contiguous"), ("paged", "paged Engine"),
+                 ("paged_extend", "paged extend (bare)"), ("transformers", "transformers"))
 
 
 def rooflines(results: dict, cfg: config_lib.TextConfig, bandwidth: float, flop_rate: float
@@ -169,14 +401,25 @@ def rooflines(results: dict, cfg: config_lib.TextConfig, bandwidth: float, flop_
     r = results[f"b{batch}"]
     r["weight_bytes_per_step"] = summary.decode_weight_bytes(cfg, batch, 4)
     bound_tok_s = batch * bandwidth / r["weight_bytes_per_step"]
-    results[f"roofline_fraction_b{batch}"] = r["smallfour_tok_s"] / bound_tok_s
+    for side, _ in DECODE_SIDES:
+      if f"{side}_tok_s" in r:
+        r[f"{side}_roofline"] = r[f"{side}_tok_s"] / bound_tok_s
+        r[f"{side}_vs_contiguous"] = r[f"{side}_tok_s"] / r["contiguous_tok_s"]
+      if f"{side}_median_step_tok_s" in r:
+        r[f"{side}_median_step_vs_contiguous"] = (r[f"{side}_median_step_tok_s"]
+                                                  / r["contiguous_median_step_tok_s"])
+    results[f"roofline_fraction_b{batch}"] = r["paged_roofline"]
+    results[f"paged_vs_contiguous_b{batch}"] = r["paged_vs_contiguous"]
+    results[f"paged_vs_contiguous_median_step_b{batch}"] = r[
+        "paged_median_step_vs_contiguous"]
     bounds[f"b{batch}_tok_s"] = bound_tok_s
     bounds[f"b{batch}_ratio"] = bound_tok_s / r["transformers_tok_s"]
   p = results["prefill_1024"]
   p["flops"] = summary.prefill_flops(cfg, LONG)
-  p["smallfour_gflop_s"] = p["flops"] / p["smallfour_s"] / 1e9
-  p["transformers_gflop_s"] = p["flops"] / p["transformers_s"] / 1e9
-  results["roofline_fraction_prefill"] = p["flops"] / p["smallfour_s"] / flop_rate
+  for side, _ in PREFILL_SIDES:
+    p[f"{side}_gflop_s"] = p["flops"] / p[f"{side}_s"] / 1e9
+    p[f"{side}_roofline"] = p["flops"] / p[f"{side}_s"] / flop_rate
+  results["roofline_fraction_prefill"] = p["paged_roofline"]
   bounds["prefill_1024_s"] = p["flops"] / flop_rate
   bounds["prefill_1024_ratio"] = p["transformers_s"] * flop_rate / p["flops"]
 
@@ -185,49 +428,71 @@ def print_table(results: dict) -> None:
   bounds = results["bounds"]
   print(f"backend {results['backend']}, torch threads {results['torch_threads']}, "
         f"read bandwidth {results['read_bandwidth_gb_s']:.1f} GB/s, "
-        f"float32 matmul {results['matmul_gflop_s']:.0f} GFLOP/s")
-  print(f"{'':<22}{'smallfour':>11}{'transformers':>14}{'ratio':>8}{'roofline':>10}"
-        f"{'ratio bound':>13}  kernel")
+        f"float32 matmul {results['matmul_gflop_s']:.0f} GFLOP/s, "
+        f"load average {results['load_average']}")
+  print("| decode | tok/s | roofline | ÷ contiguous | step ms p10 / p50 | ÷ contiguous, "
+        "median steps | ÷ transformers |")
+  print("|---|---|---|---|---|---|---|")
   for batch in (1, 8):
     r = results[f"b{batch}"]
-    print(f"{f'decode B={batch} tok/s':<22}{r['smallfour_tok_s']:>11.1f}"
-          f"{r['transformers_tok_s']:>14.1f}"
-          f"{r['smallfour_tok_s'] / r['transformers_tok_s']:>7.2f}x"
-          f"{results[f'roofline_fraction_b{batch}']:>10.0%}"
-          f"{bounds[f'b{batch}_ratio']:>12.2f}x  {r['moe_kernel']}")
+    for side, label in DECODE_SIDES:
+      if f"{side}_tok_s" not in r:
+        continue
+      steps = ("", "")
+      if f"{side}_step_ms_p10_p50" in r:
+        steps = (" / ".join(f"{x:.1f}" for x in r[f"{side}_step_ms_p10_p50"]),
+                 f"{r[f'{side}_median_step_vs_contiguous']:.3f}")
+      print(f"| B={batch} {label} | {r[f'{side}_tok_s']:.1f} | {r[f'{side}_roofline']:.0%} "
+            f"| {r[f'{side}_vs_contiguous']:.3f} | {steps[0]} | {steps[1]} "
+            f"| {r[f'{side}_tok_s'] / r['transformers_tok_s']:.2f}× |")
   p = results["prefill_1024"]
-  print(f"{'prefill 1024 s':<22}{p['smallfour_s']:>11.3f}{p['transformers_s']:>14.3f}"
-        f"{p['transformers_s'] / p['smallfour_s']:>7.2f}x"
-        f"{results['roofline_fraction_prefill']:>10.0%}"
-        f"{bounds['prefill_1024_ratio']:>12.2f}x  {p['moe_kernel']}")
+  print("| prefill 1024 | s | roofline | ÷ contiguous | transformers ÷ |")
+  print("|---|---|---|---|---|")
+  for side, label in PREFILL_SIDES:
+    print(f"| {label} | {p[f'{side}_s']:.3f} | {p[f'{side}_roofline']:.0%} "
+          f"| {p['contiguous_s'] / p[f'{side}_s']:.3f} "
+          f"| {p['transformers_s'] / p[f'{side}_s']:.2f}× |")
   print(f"transformers prefill with all 1024 positions' logits: "
         f"{p['transformers_all_logits_s']:.3f} s")
-  print(f"compile s: decode B=1 {results['b1']['smallfour_compile_s']:.1f}, "
-        f"B=8 {results['b8']['smallfour_compile_s']:.1f}, prefill {p['smallfour_compile_s']:.1f}")
+  for batch in (1, 8):
+    r = results[f"b{batch}"]
+    print(f"B={batch}: paged = contiguous token for token: {r['paged_equals_contiguous']}; "
+          f"compile s: paged {r['paged_compile_s']:.1f}, contiguous "
+          f"{r['contiguous_compile_s']:.1f}, loop {r['contiguous_loop_compile_s']:.1f}; "
+          f"MoE kernel {r['moe_kernel']}")
   print(f"roofline: weight bytes per step {results['b1']['weight_bytes_per_step'] / 2**20:.0f}"
         f" MiB (B=1), {results['b8']['weight_bytes_per_step'] / 2**20:.0f} MiB (B=8); "
-        f"prefill {p['flops'] / 1e9:.1f} GFLOP. 'ratio bound': the largest ratio this "
-        f"machine allows (roofline speed / transformers)")
+        f"prefill {p['flops'] / 1e9:.1f} GFLOP. Bounds: decode {bounds['b1_tok_s']:.1f} / "
+        f"{bounds['b8_tok_s']:.1f} tok/s (B=1 / 8), at most {bounds['b1_ratio']:.2f}× / "
+        f"{bounds['b8_ratio']:.2f}× transformers; prefill {bounds['prefill_1024_s']:.3f} s")
 
 
 def main(argv):
   del argv
   if _THREADS.value:
     torch.set_num_threads(_THREADS.value)
+  load = os.getloadavg()
   hf, ours, cfg = build_models()
-  engine = Engine(ours, max_len=2048, prefill_chunk=256)
+  _progress("models built")
+  contiguous = Contiguous(ours, max_len=2048)
+  engines = {b: Engine(ours, max_len=2048, max_batch=b, prefix_caching=False)
+             for b in (1, 8)}
   rng = np.random.default_rng(0)
   results = {"config": "bench (issue 5)", "backend": jax.default_backend(),
              "torch_threads": torch.get_num_threads()}
+  read, read_bytes = read_probe()
   for batch in (1, 8):
-    prompts = rng.integers(2, 32000, (batch, PROMPT))
-    results[f"b{batch}"] = decode_tok_s(hf, engine, prompts, _REPEATS.value)
+    prompts = rng.integers(2, cfg.vocab_size, (batch, PROMPT))
+    results[f"b{batch}"] = decode_tok_s(hf, engines[batch], contiguous, prompts,
+                                        _REPEATS.value, read, engines[8] if batch == 1 else None)
     results[f"b{batch}"]["moe_kernel"] = moe_kernels.select_kernel(batch, jax.default_backend())
-  results["prefill_1024"] = prefill_seconds(hf, engine, _REPEATS.value)
+  results["prefill_1024"] = prefill_seconds(hf, engines[8], contiguous, _REPEATS.value)
   results["prefill_1024"]["moe_kernel"] = moe_kernels.select_kernel(LONG, jax.default_backend())
-  bandwidth, flop_rate = read_bandwidth(), matmul_rate()
+  bandwidth = read_bytes / min(results[f"b{b}"]["read_s"] for b in (1, 8))
+  flop_rate = results["prefill_1024"]["matmul_flop_s"]
   results["read_bandwidth_gb_s"] = bandwidth / 1e9
   results["matmul_gflop_s"] = flop_rate / 1e9
+  results["load_average"] = " → ".join(f"{x:.1f}" for x in (load[0], os.getloadavg()[0]))
   rooflines(results, cfg, bandwidth, flop_rate)
   print_table(results)
   if _JSON.value:
