@@ -6,8 +6,9 @@ there, and writes that must not land go there; it is never read as a sequence's.
 is "new tokens against what is cached": a decode step feeds one token per sequence, a
 prompt chunk feeds up to C tokens of one sequence starting on a page boundary; both write
 their latents into the sequence's pages and attend over the first N pages of its page
-table (decode absorbed, chunks expanded: `MLA.expands_for`). Prefill from a non-empty cache is this one primitive:
-chunked prefill, prefix caching, multi-turn chats and recompute after preemption.
+table (decode absorbed, chunks expanded: `MLA.expands_for`). Prefill from a non-empty
+cache is this one primitive: chunked prefill, prefix caching, multi-turn chats and
+recompute after preemption.
 
 Shapes are bucketed (C, N, image rows to powers of two), so a handful compile, and no shape
 depends on `max_len` other than through the log of the longest window. The jit boundary is

@@ -124,19 +124,20 @@ class MLA(nnx.Module):
     c, k_rope = self.latents(x, pos)
     rows = jnp.concatenate([c, k_rope], axis=-1).astype(pool.dtype)  # [B, S, R + Dr]
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
+    split = not mesh.empty and mesh.size > 1
+    if split:
       # Whole on every device like the pool: rows split over devices (a chunk's tokens
       # are) would split the pool's pages the same way, a copy of the whole pool each way.
       rows = jax.lax.with_sharding_constraint(rows, P())
     pool = write_pages(pool, layer, positions[:, 0], page_table, rows)
-    if not mesh.empty and mesh.size > 1:  # each device gathers the windows of its rows only
+    if split:  # each device gathers the windows of its rows only
       page_table = jax.lax.with_sharding_constraint(page_table, sharding.logical_spec(
           ("batch", "pages"), page_table.shape, mesh))
     b, n = page_table.shape
     # Tables hold pool pages only (padding is the sink): no bounds masks.
     window = pool[layer].at[page_table].get(mode="promise_in_bounds")
     window = window.reshape(b, -1, rows.shape[-1])
-    if not mesh.empty and mesh.size > 1:  # each sequence's attention on the devices of its row
+    if split:  # each sequence's attention on the devices of its row
       window = jax.lax.with_sharding_constraint(window, sharding.logical_spec(
           ("batch", "length", "kv_lora_rope"), window.shape, mesh))
     mask = jnp.arange(window.shape[1])[None, None, :] <= positions[:, :, None]  # [B, S, T]
@@ -148,7 +149,7 @@ class MLA(nnx.Module):
   def expands_for(self, queries: int) -> bool:
     """Whether `queries` queries of one sequence attend over a latent window more cheaply
     expanded than absorbed (`expand_after`)."""
-    return queries > 1 and queries > self.expand_after
+    return queries > max(1, self.expand_after)
 
   def attend_expanded(self, q_nope: jax.Array, q_rope: jax.Array, c: jax.Array,
                       k_rope: jax.Array, mask: jax.Array) -> jax.Array:
