@@ -11,6 +11,7 @@ from transformers.models.mistral4 import modeling_mistral4 as hf
 
 from smallfour.config import formats as config_formats
 from smallfour.nn import rope
+from smallfour.nn import paged_attention
 from smallfour.nn.mla import MLA
 from smallfour.nn.moe import Router
 from smallfour.nn.norm import RMSNorm
@@ -170,3 +171,32 @@ def test_absorbed_equals_expanded():
   absorbed = attn.attend_absorbed(q_nope, q_rope, jnp.concatenate([c, k_rope], -1), mask)
   assert float(jnp.abs(expanded).max()) > 0.1
   np.testing.assert_allclose(absorbed, expanded, atol=1e-5)
+
+
+@pytest.mark.parametrize("queries", [24, 120])  # absorbed, expanded (expand_after 112 here)
+def test_attend_pages_equals_the_whole_window(queries, monkeypatch):
+  """A chunk's attention read block by block (4 pages of 8 per block here) equals attending
+  over its whole gathered window, and never reads the blocks past its last position: they
+  hold NaN."""
+  monkeypatch.setattr(paged_attention, "KEY_BLOCK", 32)
+  _, model, cfg = _tiny_attention(seed=2)
+  attn: MLA = model.layers[0].attn
+  rng = np.random.default_rng(5)
+  page, width = 8, cfg.kv_lora_rank + cfg.qk_rope_head_dim
+  pool = rng.standard_normal((1, 40, page * width)).astype(np.float32)
+  table = rng.permutation(39)[:32][None]  # 32 pages in the table, 19 of them used
+  pool[0, table[0, 20:]] = np.nan  # blocks 5-7 (pages 20-31): past the last position
+  end = 19 * page
+  positions = jnp.arange(end - queries, end)[None]
+  q_nope = jnp.asarray(rng.standard_normal((1, queries, cfg.num_heads, cfg.qk_nope_head_dim)),
+                       jnp.float32)
+  q_rope = jnp.asarray(rng.standard_normal((1, queries, cfg.num_heads, cfg.qk_rope_head_dim)),
+                       jnp.float32)
+  assert attn.expands_for(queries) == (queries > 112)
+  got = attn.attend_pages(q_nope, q_rope, jnp.asarray(pool), 0, jnp.asarray(table), positions)
+  window = paged_attention.gather_pages(jnp.asarray(pool), 0, jnp.asarray(table[:, :20]), width)
+  mask = jnp.arange(window.shape[1])[None, None, :] <= positions[:, :, None]
+  r = cfg.kv_lora_rank
+  want = attn.attend_expanded(q_nope, q_rope, window[..., :r], window[..., r:], mask)
+  assert np.isfinite(np.asarray(got)).all() and float(jnp.abs(want).max()) > 0.1
+  np.testing.assert_allclose(got, want, atol=1e-5)

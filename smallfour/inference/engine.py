@@ -6,11 +6,11 @@
     engine.start()                                               # its thread (or step())
 
 Each `step()` runs what the scheduler (`smallfour.inference.scheduler`) plans: one decode
-token for every running sequence, in one compiled call of `max_batch` rows, then chunks of
-prompts within the step's token budget, each continuing from what is cached. Each slot
-carries its request's sampling parameters as arrays and its own PRNG key, drawn from the
-request's seed and advanced only by its own draws: neither a request's tokens nor the
-compiled step depend on what else runs. A request whose own pass fails (a shape that does
+token for every running sequence, in one compiled call whose rows are bucketed to a power
+of two, then chunks of prompts within the step's token budget, each continuing from what is
+cached. Each row carries its request's sampling parameters as arrays and its own PRNG key,
+drawn from the request's seed and advanced only by its own draws: a request's tokens do not
+depend on what else runs. A request whose own pass fails (a shape that does
 not compile, memory its prompt chunk cannot get) fails alone; a failing decode step fails
 the engine, and every request hears of it.
 """
@@ -63,9 +63,10 @@ class Engine:
                                page_size=page_size, max_tokens=max_num_batched_tokens,
                                prefix_caching=prefix_caching)
     self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
+    # Every chunk's page table is as wide as the longest sequence's: chunks read only the
+    # pages they reach, so one width serves them all and each chunk size compiles once.
+    self._chunk_width = paged.bucket(-(-max_len // page_size))
     self._pool = self.paged.zeros()
-    self._rows = SamplingRows.of([GREEDY] * max_batch)  # host copies of the slots' parameters
-    self._placed_rows: SamplingRows | None = None  # on the device until the slots change
     self._lock = threading.Condition()
     self._thread: threading.Thread | None = None
     self._stopping = False
@@ -227,30 +228,26 @@ class Engine:
     return requests
 
   def warmup(self) -> list[tuple[str, int, int]]:
-    """Compiles the decode step for every window and each chunk size for every window it
-    can meet, writing only the sink page. Returns the shapes ("decode", batch, pages) and
-    ("chunk", tokens, pages). Not while the engine thread runs."""
-    p = self.page_size
-    top = paged.bucket(-(-self.max_len // p))
-    windows = [1 << i for i in range(top.bit_length())]
+    """Compiles the decode step for every batch bucket and window and every chunk size
+    (each at the one table width chunks use), writing only the sink page. Returns the
+    shapes ("decode", batch, pages) and ("chunk", tokens, pages). Not while the engine
+    thread runs."""
+    windows = [1 << i for i in range(self._chunk_width.bit_length())]
+    batches = sorted({min(self.max_batch, 1 << i)
+                      for i in range(paged.bucket(self.max_batch).bit_length())})
     shapes = []
     keys = np.zeros((self.max_batch, 2), np.uint32)
-    zeros = np.zeros(self.max_batch, np.int32)
-    rows, = self.paged.put(self._rows)
-    for n in windows:
-      table = np.full((self.max_batch, n), self.paged.sink, np.int32)
-      self._pool, *_ = self.paged.decode(self._pool, zeros, zeros, table, keys, rows)
-      shapes.append(("decode", self.max_batch, n))
-    size = p
-    while size <= paged.bucket(self.scheduler.max_tokens, p):
-      least = size // 2 + 1 if size > p else 1  # the fewest tokens padded to `size`
-      for n in (w for w in windows if w * p >= least):
-        tokens = min(size, n * p)  # ending in the window's last page: it buckets to n
-        self._pool, *_ = self.paged.extend(self._pool, np.zeros(tokens, np.int32),
-                                           (n * p - tokens) // p * p, np.zeros(0, np.int32),
-                                           keys[0], SamplingRows.of([GREEDY]))
-        shapes.append(("chunk", size, n))
-      size *= 2
+    for b in batches:
+      zeros, rows = np.zeros(b, np.int32), SamplingRows.of([GREEDY] * b)
+      for n in windows:
+        table = np.full((b, n), self.paged.sink, np.int32)
+        self._pool, *_ = self.paged.decode(self._pool, zeros, zeros, table, keys[:b], rows)
+        shapes.append(("decode", b, n))
+    for size in paged.chunk_sizes(self.scheduler.max_tokens, self.page_size):
+      self._pool, *_ = self.paged.extend(self._pool, np.zeros(size, np.int32), 0,
+                                         np.zeros(0, np.int32), keys[0],
+                                         SamplingRows.of([GREEDY]), width=self._chunk_width)
+      shapes.append(("chunk", size, self._chunk_width))
     jax.block_until_ready(self._pool)
     return shapes
 
@@ -304,8 +301,6 @@ class Engine:
         seq.ticket.sink(Event(finish_reason="cancelled"))
     with self._lock:
       plan = self.scheduler.plan()
-    for seq in self.scheduler.running:
-      self._set_row(seq)
     if plan.decode:
       self._decode(plan.decode)
     for chunk in plan.chunks:
@@ -314,23 +309,25 @@ class Engine:
     return bool(plan.decode or plan.chunks)
 
   def _decode(self, seqs: list[Sequence]) -> None:
-    b, p = self.max_batch, self.page_size
+    """One token for each of `seqs`, as the first rows of a batch bucketed to a power of
+    two (at most max_batch): a step's cost follows the sequences decoding, not the slots."""
+    b, p = min(self.max_batch, paged.bucket(len(seqs))), self.page_size
     width = paged.bucket(max(-(-(s.computed + 1) // p) for s in seqs))
     tokens, positions = np.zeros(b, np.int32), np.zeros(b, np.int32)
     table = np.full((b, width), self.paged.sink, np.int32)
     keys = np.zeros((b, 2), np.uint32)
-    for s in seqs:
-      tokens[s.slot], positions[s.slot], keys[s.slot] = s.tokens[-1], s.computed, s.key
-      table[s.slot, :len(s.pages)] = s.pages
-    if self._placed_rows is None:
-      self._placed_rows, = self.paged.put(self._rows)
+    for i, s in enumerate(seqs):
+      tokens[i], positions[i], keys[i] = s.tokens[-1], s.computed, s.key
+      table[i, :len(s.pages)] = s.pages
+    rows = SamplingRows.of([s.ticket.request.sampling for s in seqs] +
+                           [GREEDY] * (b - len(seqs)))  # padding rows draw greedily: free
     self._pool, drawn, keys = self.paged.decode(self._pool, tokens, positions, table, keys,
-                                                self._placed_rows)
+                                                rows)
     drawn, keys = np.asarray(drawn), np.asarray(keys)
-    for s in seqs:
-      s.key = keys[s.slot]
+    for i, s in enumerate(seqs):
+      s.key = keys[i]
       self.scheduler.advanced(s, 1)
-      self._deliver(s, int(drawn[s.slot]))
+      self._deliver(s, int(drawn[i]))
 
   def _feed(self, chunk: Chunk) -> None:
     """Runs one prompt chunk; its first token comes with the prompt's last chunk. A
@@ -341,7 +338,8 @@ class Engine:
       self._pool, drawn, key = self.paged.extend(
           self._pool, np.asarray(seq.tokens[chunk.start:chunk.start + chunk.size], np.int32),
           chunk.start, np.asarray(seq.pages, np.int32), seq.key,
-          jax.tree.map(lambda a: a[seq.slot:seq.slot + 1], self._rows), images, offset)
+          SamplingRows.of([seq.ticket.request.sampling]), images, offset,
+          width=self._chunk_width)
       drawn, key = int(np.asarray(drawn)[0]), np.asarray(key)[0]
     except Exception as e:  # noqa: BLE001 - confined to this request unless the pool is gone
       if self._pool.is_deleted():
@@ -379,16 +377,6 @@ class Engine:
     if finish is not None:
       self._free(seq)
     seq.ticket.sink(Event(token, finish))
-
-  def _set_row(self, seq: Sequence) -> None:
-    """The slot's sampling parameters are seq's."""
-    sampling = seq.ticket.request.sampling
-    if (self._rows.temperature[seq.slot], self._rows.top_k[seq.slot],
-        self._rows.top_p[seq.slot]) != (sampling.temperature, sampling.top_k, sampling.top_p):
-      self._rows.temperature[seq.slot] = sampling.temperature
-      self._rows.top_k[seq.slot] = sampling.top_k
-      self._rows.top_p[seq.slot] = sampling.top_p
-      self._placed_rows = None
 
   def _free(self, seq: Sequence) -> None:
     with self._lock:

@@ -1,18 +1,20 @@
 """The paged latent cache on the device, and the compiled passes over it.
 
 The cache is one pool `[L, pages + 1, page · (R + Dr)]`, each page's rows end to end
-(`nn.mla.write_pages` says why). The last page is the sink: padding in page tables points
+(`nn.paged_attention` says why). The last page is the sink: padding in page tables points
 there, and writes that must not land go there; it is never read as a sequence's. Every pass
 is "new tokens against what is cached": a decode step feeds one token per sequence, a
 prompt chunk feeds up to C tokens of one sequence starting on a page boundary; both write
-their latents into the sequence's pages and attend over the first N pages of its page
-table (decode absorbed, chunks expanded: `MLA.expands_for`). Prefill from a non-empty
-cache is this one primitive: chunked prefill, prefix caching, multi-turn chats and
-recompute after preemption.
+their latents into the sequence's pages. Decode attends over the first N pages of each
+page table (N bucketed to a power of two); a chunk reads its window one key block at a
+time up to its last token (`MLA.attend_pages`), so its table can be as wide as the longest
+sequence at no cost. Prefill from a non-empty cache is this one primitive: chunked
+prefill, prefix caching, multi-turn chats and recompute after preemption.
 
-Shapes are bucketed (C, N, image rows to powers of two), so a handful compile, and no shape
-depends on `max_len` other than through the log of the longest window. The jit boundary is
-functional: the model's state is an argument, the pool is donated to every pass.
+Shapes are bucketed (decode windows and image rows to powers of two, chunks to quarter
+octaves: `chunk_bucket`), so a handful compile, and no shape depends on `max_len` other
+than through the log of the longest window. The jit boundary is functional: the model's
+state is an argument, the pool is donated to every pass.
 """
 
 from __future__ import annotations
@@ -67,6 +69,24 @@ def bucket(n: int, least: int = 1) -> int:
   return max(least, 1 << (max(n, 1) - 1).bit_length())
 
 
+def chunk_bucket(tokens: int, page_size: int) -> int:
+  """The padded length of a prompt chunk: whole pages, rounded up to a quarter octave
+  (1–8 pages exactly, then 10, 12, 14, 16, 20, 24, …), so at most 25% is padding where
+  powers of two pad up to 100% (a chunk's cost follows its padded length)."""
+  pages = -(-max(tokens, 1) // page_size)
+  step = max(1, bucket(pages) // 8)
+  return -(-pages // step) * step * page_size
+
+
+def chunk_sizes(max_tokens: int, page_size: int) -> list[int]:
+  """Every `chunk_bucket` of 1 .. max_tokens tokens, ascending: the chunk shapes."""
+  sizes, n = [], page_size
+  while n <= chunk_bucket(max_tokens, page_size):
+    sizes.append(chunk_bucket(n, page_size))
+    n = sizes[-1] + page_size
+  return sizes
+
+
 class PagedModel:
   """A model's compiled passes over a pool of `num_pages` pages of `page_size` tokens."""
 
@@ -103,22 +123,27 @@ class PagedModel:
     """Feeds tokens [B] at positions [B] (rows whose page table is all sink write nothing
     that is read) and samples each row's next token with its key [B, 2] uint32.
     Returns (pool, next tokens [B], advanced keys [B, 2])."""
-    return self._decode(self.state, pool, *self.put(tokens, positions, page_table, keys),
-                        rows)
+    return self._decode(self.state, pool, *self.put(tokens, positions, page_table, keys,
+                                                     rows))
 
   def extend(self, pool: jax.Array, tokens: np.ndarray, start: int, page_table: np.ndarray,
              key: np.ndarray, row: SamplingRows, image_rows: jax.Array | None = None,
-             image_offset: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+             image_offset: int = 0, width: int | None = None
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Feeds one sequence's prompt tokens [n] at positions start .. start + n - 1 (`start`
-    a multiple of the page size), padded to a bucket of whole pages, and samples from the
-    last one's logits. page_table: [N] its pages. image_rows: [M, D] its images' rows
+    a multiple of the page size), padded to whole pages (`chunk_bucket`), and samples from
+    the last one's logits. page_table: [N] its pages. image_rows: [M, D] its images' rows
     (`encode`), of which the chunk's [IMG] tokens take the ones from `image_offset` on.
+    width: the table's padded width (a power of two ≥ the pages used; the engine passes
+    its longest sequence's so that one shape serves every chunk of a size).
     Returns (pool, the sampled token [1], the advanced key [1, 2])."""
     n, p = len(tokens), self.page_size
-    size = bucket(n, p)
+    size = chunk_bucket(n, p)
     padded = np.zeros((1, size), np.int32)
     padded[0, :n] = tokens
-    width = bucket(-(-(start + n) // p))  # the padding's pages, past it, go to the sink
+    width = width or bucket(-(-(start + n) // p))  # padding pages past it go to the sink
+    if width < len(page_table) or width & (width - 1):
+      raise ValueError(f"width {width} is not a power of two ≥ the {len(page_table)} pages")
     table = np.full((1, width), self.sink, np.int32)
     table[0, :len(page_table)] = page_table
     *inputs, offset = self.put(padded, np.int32(start), np.int32(n - 1), table, key[None],

@@ -24,6 +24,8 @@ from smallfour import sharding
 from smallfour.config import TextConfig
 from smallfour.nn import params
 from smallfour.nn.norm import RMSNorm
+from smallfour.nn.paged_attention import (attend_in_blocks, gather_pages, key_block_pages,
+                                          write_pages)
 from smallfour.nn.rope import PositionEncoding, apply_rope
 
 _F32 = jnp.float32
@@ -109,15 +111,15 @@ class MLA(nnx.Module):
 
   def paged(self, x: jax.Array, pos: PositionEncoding, positions: jax.Array, pool: jax.Array,
             layer: int, page_table: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """New tokens against a paged latent cache: writes their rows, then attends.
+    """New tokens against a paged latent cache (`nn.paged_attention`): writes their rows,
+    then attends.
 
     x: [B, S, D] at `positions` [B, S] (consecutive per row); pool: the whole stacked pool
-    [L, P, page · (R + Dr)] (`write_pages`), of which this is layer `layer` (updated in
-    place); page_table: [B, N] each row's first N pages, padded with a page never read as a
-    sequence's (the sink), N × page ≥ every position fed. S == 1 (decode) writes one row per
-    sequence; S > 1 (a prompt chunk) starts on a page boundary and writes whole pages.
-    Decode attends absorbed; a chunk long enough to amortize expanding its window's keys
-    attends expanded (`expands_for`), as prefill does.
+    [L, P, page · (R + Dr)], of which this is layer `layer` (updated in place);
+    page_table: [B, N] each row's pages, padded with the sink, N × page > every position.
+    S == 1 (decode) writes one row per sequence and attends absorbed over the table's
+    whole window; S > 1 (a prompt chunk) starts on a page boundary, writes whole pages and
+    attends block by block up to its last position (`attend_pages`).
     Returns (out [B, S, D], the updated pool).
     """
     q_nope, q_rope = self.queries(x, pos)
@@ -130,21 +132,56 @@ class MLA(nnx.Module):
       # are) would split the pool's pages the same way, a copy of the whole pool each way.
       rows = jax.lax.with_sharding_constraint(rows, P())
     pool = write_pages(pool, layer, positions[:, 0], page_table, rows)
+    if x.shape[1] > 1:
+      return self.attend_pages(q_nope, q_rope, pool, layer, page_table, positions), pool
     if split:  # each device gathers the windows of its rows only
       page_table = jax.lax.with_sharding_constraint(page_table, sharding.logical_spec(
           ("batch", "pages"), page_table.shape, mesh))
-    b, n = page_table.shape
-    # Tables hold pool pages only (padding is the sink): no bounds masks.
-    window = pool[layer].at[page_table].get(mode="promise_in_bounds")
-    window = window.reshape(b, -1, rows.shape[-1])
+    window = gather_pages(pool, layer, page_table, rows.shape[-1])
     if split:  # each sequence's attention on the devices of its row
       window = jax.lax.with_sharding_constraint(window, sharding.logical_spec(
           ("batch", "length", "kv_lora_rope"), window.shape, mesh))
-    mask = jnp.arange(window.shape[1])[None, None, :] <= positions[:, :, None]  # [B, S, T]
-    if self.expands_for(x.shape[1]):
-      r = self.latent_dim
-      return self.attend_expanded(q_nope, q_rope, window[..., :r], window[..., r:], mask), pool
+    mask = jnp.arange(window.shape[1])[None, None, :] <= positions[:, :, None]  # [B, 1, T]
     return self.attend_absorbed(q_nope, q_rope, window, mask), pool
+
+  def attend_pages(self, q_nope: jax.Array, q_rope: jax.Array, pool: jax.Array, layer: int,
+                   page_table: jax.Array, positions: jax.Array) -> jax.Array:
+    """Queries at `positions` [B, S] over their sequences' cached rows, read one key block
+    of the table at a time and only up to the last position (`attend_in_blocks`): the
+    cost follows what is cached, not the table's width. Expanded when the chunk is long
+    enough to amortize expanding each block's keys (`expands_for`), else absorbed.
+    q_nope: [B, S, H, Dn], q_rope: [B, S, H, Dr]; pool, page_table as `paged` -> [B, S, D].
+    """
+    r, w = self.latent_dim, self.latent_dim + q_rope.shape[-1]
+    page = pool.shape[2] // w
+    per = key_block_pages(page, page_table.shape[1])
+    tokens = per * page
+    num_blocks = jnp.max(positions) // tokens + 1
+
+    def rows(i):  # [B, tokens, R + Dr]: block i of every sequence's window
+      pages = jax.lax.dynamic_slice_in_dim(page_table, i * per, per, axis=1)
+      return gather_pages(pool, layer, pages, w)
+
+    if self.expands_for(q_nope.shape[1]):
+      q = jnp.concatenate([q_nope, q_rope], axis=-1).transpose(0, 2, 1, 3)  # [B, H, S, Dq]
+
+      def block(i):
+        latent = rows(i)
+        k, v = self._head_major_keys(latent[..., :r], latent[..., r:])
+        return jnp.einsum("bhsd,bhtd->bhst", q, k, preferred_element_type=_F32), v
+
+      out = attend_in_blocks(block, num_blocks, tokens, positions, self.softmax_scale)
+      return self._project_heads(out.astype(pool.dtype))
+    q_latent = jnp.einsum("bshn,hrn->bshr", q_nope, self.k_up[...], preferred_element_type=_F32)
+    q = jnp.concatenate([q_latent, q_rope.astype(_F32)], axis=-1)
+
+    def block(i):
+      latent = rows(i).astype(_F32)
+      return jnp.einsum("bshk,btk->bhst", q, latent), latent[:, None]
+
+    out = attend_in_blocks(block, num_blocks, tokens, positions, self.softmax_scale)
+    out = jnp.einsum("bhsr,hvr->bshv", out[..., :r], self.v_up[...].astype(_F32))
+    return self.project_out(out.astype(pool.dtype))
 
   def expands_for(self, queries: int) -> bool:
     """Whether `queries` queries of one sequence attend over a latent window more cheaply
@@ -293,37 +330,6 @@ def write_rows(latent: jax.Array, layer: int, write_at: jax.Array, rows: jax.Arr
   batch = sharding.logical_spec(("batch",), (rows.shape[0],), mesh)[0]
   return jax.shard_map(write, mesh=mesh, in_specs=(P(None, batch), P(batch), P(batch)),
                        out_specs=P(None, batch))(latent, write_at, rows)
-
-
-def write_pages(pool: jax.Array, layer: int, start: jax.Array, page_table: jax.Array,
-                rows: jax.Array) -> jax.Array:
-  """Writes `rows` [B, S, W] of each sequence at positions start[b] .. start[b] + S - 1 of
-  layer `layer` of `pool` [L, P, page · W], through `page_table` [B, N], in place.
-
-  A page's rows lie end to end in one row of the pool: W (R + Dr = 320 in the release) is
-  not a multiple of TPU's 128 lanes, so [.., page, W] would be padded to 384 and XLA:TPU
-  would rather lay the pool out with pages minor, then copy it whole between that layout
-  and the updates' around every layer; page · W is lane-dense for any even page size.
-  One `dynamic_update_slice` per sequence (S == 1) or per page (S a multiple of the page
-  size, `start` on a page boundary), without bounds checks, for the reason `write_rows`
-  gives: XLA:TPU copies a cache updated by a scatter into a layout of its own and back.
-  The last page of the pool is the sink: pages of padding past the table's end go there.
-  """
-  b, s, w = rows.shape
-  page, sink = pool.shape[2] // w, pool.shape[1] - 1
-  for i in range(b):
-    first = start[i] // page
-    if s == 1:
-      at = (layer, page_table[i, first], start[i] % page * w)
-      pool = jax.lax.dynamic_update_slice(pool, rows[i].reshape(1, 1, w), at)
-      continue
-    for j in range(s // page):  # padding pages past the table's end go to the sink
-      index = first + j
-      target = jnp.where(index < page_table.shape[1],
-                         page_table[i, jnp.minimum(index, page_table.shape[1] - 1)], sink)
-      block = rows[i, j * page:(j + 1) * page].reshape(1, 1, page * w)
-      pool = jax.lax.dynamic_update_slice(pool, block, (layer, target, 0))
-  return pool
 
 
 def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:

@@ -29,7 +29,8 @@ from flax import nnx
 from smallfour import sharding, summary
 from smallfour.config import TextConfig
 from smallfour.inference.cache import LATENT_AXES, LatentCache
-from smallfour.inference.paged import POOL_AXES, POOL_PAGE_MULTIPLE, bucket, pool_shape
+from smallfour.inference.paged import (POOL_AXES, POOL_PAGE_MULTIPLE, bucket, chunk_bucket,
+                                       pool_shape)
 
 
 def abstract_mesh(sizes: dict[str, int]) -> jax.sharding.AbstractMesh:
@@ -114,10 +115,10 @@ def context_tokens(free_bytes: float, token_bytes: float, page_size: int) -> int
 def chunk_tokens(max_num_batched_tokens: int, prefill_len: int, page_size: int
                  ) -> tuple[int, int]:
   """(tokens, padded) of the longest prompt chunk the engine runs: a step's budget, or
-  the whole prompt if shorter; padded to its bucket of whole pages (`PagedModel.extend`),
-  the shape that is compiled."""
+  the whole prompt if shorter; padded to whole pages (`paged.chunk_bucket`), the shape
+  that is compiled."""
   tokens = min(max_num_batched_tokens, prefill_len)
-  return tokens, bucket(tokens, page_size)
+  return tokens, chunk_bucket(tokens, page_size)
 
 
 def local_experts_used(cfg: TextConfig, sizes: dict[str, int], tokens: int) -> float:
