@@ -21,8 +21,9 @@ float32; the same random weights are loaded into every side. Measured:
       `paged / contiguous` is what paging costs decode (issue 23: within 5%);
     - `contiguous_loop`: the same steps under one `jax.lax.while_loop`, as the old
       `Engine.generate` ran them (the figures before the paged engine);
-    - `paged_8_slots` (B=1 only): one request on an Engine of 8 slots, whose every step
-      computes 8 rows (the idle ones feed a dummy token, routed like any);
+    - `paged_8_slots` (B=1 only): one request on an Engine of 8 slots, whose steps
+      compute the decoding rows only, bucketed to a power of two (here 1): idle slots
+      cost nothing;
     - `transformers`: `generate`, timed like `paged`.
     The step-by-step sides also time each decode step (the Engine's steps once every
     prompt has its first token): the ratio of median steps is a second estimate of

@@ -133,7 +133,7 @@ def paged_steps(engine: Engine, prompts: np.ndarray, steps: int
                                table[i, :-(-len(prompt) // p)], keys[i],
                                SamplingRows.of([GREEDY]))
     first[i] = int(np.asarray(drawn)[0])
-  rows = jax.tree.map(jnp.asarray, SamplingRows.of([GREEDY] * b))
+  rows = SamplingRows.of([GREEDY] * b)
   held = [pool]
 
   def run(times: list[float] | None = None):
