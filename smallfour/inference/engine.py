@@ -5,10 +5,10 @@
     ticket = engine.submit(Request(prompt, 64), sink)            # the server: sink(Event)
     engine.start()                                               # its thread (or step())
 
-Each `step()` runs what the scheduler (`smallfour.inference.scheduler`) plans: one decode
-token for every running sequence, in one compiled call whose rows are bucketed to a power
-of two, then chunks of prompts within the step's token budget, each continuing from what is
-cached. Each row carries its request's sampling parameters as arrays and its own PRNG key,
+Each `step()` runs what the scheduler (`smallfour.inference.scheduler`) plans: chunks of
+prompts within the step's token budget, each continuing from what is cached, then one
+decode token for every running sequence, in one compiled call whose rows are bucketed to a
+power of two. Each row carries its request's sampling parameters as arrays and its own PRNG key,
 drawn from the request's seed and advanced only by its own draws: a request's tokens do not
 depend on what else runs. A request whose own pass fails (a shape that does
 not compile, memory its prompt chunk cannot get) fails alone; a failing decode step fails
@@ -293,19 +293,20 @@ class Engine:
         on_failure(e)
 
   def step(self) -> bool:
-    """Frees cancelled requests, then runs one step's plan: a decode token for every
-    running sequence and prompt chunks within the budget. False when nothing ran."""
+    """Frees cancelled requests, then runs one step's plan: prompt chunks within the
+    budget and a decode token for every running sequence. False when nothing ran."""
     for seq in self.scheduler.running:
       if seq.ticket.cancelled:
         self._free(seq)
         seq.ticket.sink(Event(finish_reason="cancelled"))
     with self._lock:
       plan = self.scheduler.plan()
+    # Chunks first: a prompt completed in this step has its first token one decode pass
+    # sooner, and the running streams' tokens are as far apart as the steps either way.
+    for chunk in plan.chunks:
+      self._feed(chunk)
     if plan.decode:
       self._decode(plan.decode)
-    for chunk in plan.chunks:
-      if chunk.seq.slot is not None:  # its decode row may have finished it
-        self._feed(chunk)
     return bool(plan.decode or plan.chunks)
 
   def _decode(self, seqs: list[Sequence]) -> None:
