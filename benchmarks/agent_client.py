@@ -120,17 +120,19 @@ async def run_round(settings: dict) -> dict:
   seconds = time.perf_counter() - start
   await client.close()
   completion = sum(r["completion"] for turn in turns for r in turn)
-  per_turn = [{"ttft_ms_p50_p99": _ms([r["ttft"] for r in turn]),
+  per_turn = [{"ttft_ms_p50_p99": ms([r["ttft"] for r in turn]),
                "prompt_tokens": round(float(np.mean([r["prompt"] for r in turn]))),
                "cached_tokens": round(float(np.mean([r["cached"] for r in turn])))}
               for turn in turns]
   later = [r["ttft"] for turn in turns[1:] for r in turn]
   return {"seconds": round(seconds, 1), "completion_tokens": completion,
           "tokens_per_s": round(completion / seconds, 1), "turns": per_turn,
-          "ttft_ms_p50_p99_turns_2_on": _ms(later) if later else None}
+          "ttft_ms_p50_p99_turns_2_on": ms(later) if later else None,
+          "ttft_s_turns_2_on": [round(t, 4) for t in later]}
 
 
-def _ms(seconds: list[float]) -> list[float]:
+def ms(seconds: list[float]) -> list[float]:
+  """p50 and p99 in ms."""
   return [round(float(np.percentile(seconds, q)) * 1e3, 1) for q in (50, 99)]
 
 

@@ -33,7 +33,8 @@ agent: an agent loop through the server, prefix caching on against off (two Engi
   p99 over the conversations (sending to the first chunk with any delta or a finish), the
   prompt and cached tokens (the usage's `prompt_tokens_details.cached_tokens`), and over the
   loop the completion tokens/s. Each round has content of its own (--agent_repeats rounds
-  per side, alternately, the fastest loop kept), so no round reuses another's pages.
+  per side, alternately, the fastest loop kept; TTFT over every round's requests is reported
+  too, a steadier estimate), so no round reuses another's pages.
 
 long_prompt: a --long_tokens prompt arriving while --long_streams streams decode, at the
   Engine (its thread, as the server runs it; tokens timed at each request's sink). First

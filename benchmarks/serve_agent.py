@@ -50,6 +50,7 @@ def agent(engines: dict[str, Engine], tok, compiles) -> dict:
              for name, e in engines.items()}
   ports = {name: server.start() for name, server in servers.items()}
   out, compiled = {}, {name: {"compiles": 0, "seconds": 0.0} for name in servers}
+  pooled = {name: [] for name in servers}  # every round's TTFTs at turns >= 2
   try:
     for repeat in range(_AGENT_REPEATS.value):  # alternately; the fastest loop per side
       for name in servers:
@@ -57,6 +58,7 @@ def agent(engines: dict[str, Engine], tok, compiles) -> dict:
         got = _round(ports[name], repeat, rate)
         c = compiles.since(mark)
         compiled[name] = {k: compiled[name][k] + c[k] for k in c}
+        pooled[name] += got.pop("ttft_s_turns_2_on")
         if name not in out or got["seconds"] < out[name]["seconds"]:
           out[name] = got
   finally:
@@ -80,10 +82,19 @@ def agent(engines: dict[str, Engine], tok, compiles) -> dict:
     ratio = off["ttft_ms_p50_p99_turns_2_on"][0] / on["ttft_ms_p50_p99_turns_2_on"][0]
     print(f"| ≥ 2 | | | {' / '.join(map(str, on['ttft_ms_p50_p99_turns_2_on']))} | "
           f"{' / '.join(map(str, off['ttft_ms_p50_p99_turns_2_on']))} | {ratio:.1f}× |")
+  every = {name: agent_client.ms(ttfts) if ttfts else None for name, ttfts in pooled.items()}
+  every_ratio = None
+  if every["prefix_caching"]:
+    every_ratio = every["no_prefix_caching"][0] / every["prefix_caching"][0]
+    print(f"every round's requests at turns ≥ 2 ({_AGENT_REPEATS.value} rounds per side), TTFT "
+          f"ms p50 / p99: {' / '.join(map(str, every['prefix_caching']))} with caching, "
+          f"{' / '.join(map(str, every['no_prefix_caching']))} without: {every_ratio:.1f}×")
   print(f"tokens/s: {on['tokens_per_s']} with caching, {off['tokens_per_s']} without; loop "
         f"wall {on['seconds']} s / {off['seconds']} s")
   return {"conversations": n, "turns": _TURNS.value, "system_tokens": _SYSTEM_TOKENS.value,
           "tool_tokens": _TOOL_TOKENS.value, "max_tokens": _AGENT_MAX_TOKENS.value,
           "compiled_while_measured": compiled, "prefix_caching": on,
           "no_prefix_caching": off,
-          "ttft_p50_ratio_turns_2_on": ratio}
+          "ttft_p50_ratio_turns_2_on": ratio,
+          "every_round_ttft_ms_p50_p99_turns_2_on": every,
+          "every_round_ttft_p50_ratio_turns_2_on": every_ratio}
