@@ -10,7 +10,7 @@ prompts within the step's token budget, each continuing from what is cached, the
 decode token for every running sequence, in one compiled call whose rows are bucketed to a
 power of two. Each row carries its request's sampling parameters as arrays and its own PRNG key,
 drawn from the request's seed and advanced only by its own draws: a request's tokens do not
-depend on what else runs. A request whose own pass fails (a shape that does
+depend on what else runs (up to the float rounding of the batch's shape). A request whose own pass fails (a shape that does
 not compile, memory its prompt chunk cannot get) fails alone; a failing decode step fails
 the engine, and every request hears of it.
 """
@@ -63,9 +63,10 @@ class Engine:
                                page_size=page_size, max_tokens=max_num_batched_tokens,
                                prefix_caching=prefix_caching)
     self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
-    # Every chunk's page table is as wide as the longest sequence's: chunks read only the
-    # pages they reach, so one width serves them all and each chunk size compiles once.
-    self._chunk_width = paged.bucket(-(-max_len // page_size))
+    # A sequence's most pages, as a power of two: the widest decode window, and the width
+    # of every chunk's page table (chunks read only the pages they reach, so one width
+    # serves them all and each chunk size compiles once).
+    self._max_pages = paged.bucket(-(-max_len // page_size))
     self._pool = self.paged.zeros()
     self._lock = threading.Condition()
     self._thread: threading.Thread | None = None
@@ -232,7 +233,7 @@ class Engine:
     (each at the one table width chunks use), writing only the sink page. Returns the
     shapes ("decode", batch, pages) and ("chunk", tokens, pages). Not while the engine
     thread runs."""
-    windows = [1 << i for i in range(self._chunk_width.bit_length())]
+    windows = [1 << i for i in range(self._max_pages.bit_length())]
     batches = sorted({min(self.max_batch, 1 << i)
                       for i in range(paged.bucket(self.max_batch).bit_length())})
     shapes = []
@@ -246,8 +247,8 @@ class Engine:
     for size in paged.chunk_sizes(self.scheduler.max_tokens, self.page_size):
       self._pool, *_ = self.paged.extend(self._pool, np.zeros(size, np.int32), 0,
                                          np.zeros(0, np.int32), keys[0],
-                                         SamplingRows.of([GREEDY]), width=self._chunk_width)
-      shapes.append(("chunk", size, self._chunk_width))
+                                         SamplingRows.of([GREEDY]), width=self._max_pages)
+      shapes.append(("chunk", size, self._max_pages))
     jax.block_until_ready(self._pool)
     return shapes
 
@@ -340,7 +341,7 @@ class Engine:
           self._pool, np.asarray(seq.tokens[chunk.start:chunk.start + chunk.size], np.int32),
           chunk.start, np.asarray(seq.pages, np.int32), seq.key,
           SamplingRows.of([seq.ticket.request.sampling]), images, offset,
-          width=self._chunk_width)
+          width=self._max_pages)
       drawn, key = int(np.asarray(drawn)[0]), np.asarray(key)[0]
     except Exception as e:  # noqa: BLE001 - confined to this request unless the pool is gone
       if self._pool.is_deleted():
